@@ -36,4 +36,61 @@ at::Tensor rotary_backward(const at::Tensor& grad_out, const at::Tensor& cos, co
   return op.call(grad_out, cos, sin);
 }
 
+std::tuple<at::Tensor, at::Tensor> blockwise_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                       bool causal, int64_t q_chunk, int64_t k_chunk,
+                                                       const std::optional<at::Tensor>& segment_ids,
+                                                       std::optional<double> scale, int64_t kv_offset) {
+  static const auto op = op_handle<std::tuple<at::Tensor, at::Tensor>(
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, bool, int64_t, int64_t,
+      const std::optional<at::Tensor>&, std::optional<double>, int64_t)>("bpt::blockwise_attention");
+  return op.call(q, k, v, causal, q_chunk, k_chunk, segment_ids, scale, kv_offset);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> blockwise_attention_backward(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, bool causal, int64_t q_chunk, int64_t k_chunk,
+    const std::optional<at::Tensor>& segment_ids, std::optional<double> scale, int64_t kv_offset) {
+  static const auto op = op_handle<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+      const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+      const at::Tensor&, const at::Tensor&, bool, int64_t, int64_t, const std::optional<at::Tensor>&,
+      std::optional<double>, int64_t)>("bpt::blockwise_attention_backward");
+  return op.call(grad_out, grad_lse, q, k, v, out, lse, causal, q_chunk, k_chunk, segment_ids, scale, kv_offset);
+}
+
+at::Tensor blockwise_ffn(const at::Tensor& x, const at::Tensor& w_gate, const at::Tensor& w_up,
+                         const at::Tensor& w_down, int64_t chunk) {
+  static const auto op = op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                              const at::Tensor&, int64_t)>("bpt::blockwise_ffn");
+  return op.call(x, w_gate, w_up, w_down, chunk);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> blockwise_ffn_backward(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w_gate, const at::Tensor& w_up,
+    const at::Tensor& w_down, int64_t chunk) {
+  static const auto op = op_handle<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t)>(
+      "bpt::blockwise_ffn_backward");
+  return op.call(grad_out, x, w_gate, w_up, w_down, chunk);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> chunked_lm_loss(const at::Tensor& h, const at::Tensor& w_head,
+                                                               const at::Tensor& targets, int64_t chunk,
+                                                               int64_t ignore_index, double z_loss,
+                                                               bool float32_logits) {
+  static const auto op = op_handle<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t, double, bool)>(
+      "bpt::chunked_lm_loss");
+  return op.call(h, w_head, targets, chunk, ignore_index, z_loss, float32_logits);
+}
+
+std::tuple<at::Tensor, at::Tensor> chunked_lm_loss_backward(const at::Tensor& grad_loss, const at::Tensor& h,
+                                                            const at::Tensor& w_head, const at::Tensor& targets,
+                                                            int64_t chunk, int64_t ignore_index, double z_loss,
+                                                            bool float32_logits) {
+  static const auto op = op_handle<std::tuple<at::Tensor, at::Tensor>(
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t, double, bool)>(
+      "bpt::chunked_lm_loss_backward");
+  return op.call(grad_loss, h, w_head, targets, chunk, ignore_index, z_loss, float32_logits);
+}
+
 }  // namespace bpt::ops

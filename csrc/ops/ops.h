@@ -4,6 +4,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <optional>
 #include <tuple>
 
 namespace bpt::ops {
@@ -19,5 +20,40 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& grad_out,
 at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
 // grad_out [B, H, T, D] -> grad_x (the map is linear in x).
 at::Tensor rotary_backward(const at::Tensor& grad_out, const at::Tensor& cos, const at::Tensor& sin);
+
+// Blockwise attention (FlashAttention-2 style, O(T) memory). q [B, Hq, T, D], k/v
+// [B, Hkv, S, D] with Hq % Hkv == 0, segment_ids [B, S]; query i sits at key position
+// kv_offset + i. -> (out [B, Hq, T, D], lse [B, Hq, T] fp32, fp64 for fp64 input).
+std::tuple<at::Tensor, at::Tensor> blockwise_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                       bool causal, int64_t q_chunk, int64_t k_chunk,
+                                                       const std::optional<at::Tensor>& segment_ids = std::nullopt,
+                                                       std::optional<double> scale = std::nullopt,
+                                                       int64_t kv_offset = 0);
+// -> (grad_q, grad_k, grad_v); grad_lse may be absent.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> blockwise_attention_backward(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, bool causal, int64_t q_chunk, int64_t k_chunk,
+    const std::optional<at::Tensor>& segment_ids, std::optional<double> scale, int64_t kv_offset);
+
+// SwiGLU feed-forward over chunks of tokens: x [..., D], w_gate/w_up [F, D], w_down [D, F]
+// -> (silu(x w_gate^T) * (x w_up^T)) w_down^T, [..., D].
+at::Tensor blockwise_ffn(const at::Tensor& x, const at::Tensor& w_gate, const at::Tensor& w_up,
+                         const at::Tensor& w_down, int64_t chunk);
+// -> (grad_x, grad_w_gate, grad_w_up, grad_w_down)
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> blockwise_ffn_backward(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w_gate, const at::Tensor& w_up,
+    const at::Tensor& w_down, int64_t chunk);
+
+// Mean cross-entropy of h w_head^T against targets without [N, V] logits: h [..., D],
+// w_head [V, D], targets [...]. -> (loss fp32 scalar, fp64 for fp64 h; n_tokens, n_correct int64).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> chunked_lm_loss(const at::Tensor& h, const at::Tensor& w_head,
+                                                               const at::Tensor& targets, int64_t chunk,
+                                                               int64_t ignore_index = -100, double z_loss = 0.0,
+                                                               bool float32_logits = true);
+// -> (grad_h, grad_w_head)
+std::tuple<at::Tensor, at::Tensor> chunked_lm_loss_backward(const at::Tensor& grad_loss, const at::Tensor& h,
+                                                            const at::Tensor& w_head, const at::Tensor& targets,
+                                                            int64_t chunk, int64_t ignore_index, double z_loss,
+                                                            bool float32_logits);
 
 }  // namespace bpt::ops

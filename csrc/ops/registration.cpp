@@ -8,4 +8,23 @@ TORCH_LIBRARY(bpt, m) {
   m.def("rms_norm_backward(Tensor grad_out, Tensor x, Tensor weight, float eps) -> (Tensor, Tensor)");
   m.def("rotary(Tensor x, Tensor cos, Tensor sin) -> Tensor");
   m.def("rotary_backward(Tensor grad_out, Tensor cos, Tensor sin) -> Tensor");
+
+  // Blockwise Parallel Transformer. A chunk of -1 disables chunking (llamabpt's convention).
+  m.def(
+      "blockwise_attention(Tensor q, Tensor k, Tensor v, *, bool causal, int q_chunk, int k_chunk, "
+      "Tensor? segment_ids=None, float? scale=None, int kv_offset=0) -> (Tensor out, Tensor lse)");
+  m.def(
+      "blockwise_attention_backward(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, Tensor out, "
+      "Tensor lse, *, bool causal, int q_chunk, int k_chunk, Tensor? segment_ids=None, float? scale=None, "
+      "int kv_offset=0) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+  m.def("blockwise_ffn(Tensor x, Tensor w_gate, Tensor w_up, Tensor w_down, *, int chunk) -> Tensor");
+  m.def(
+      "blockwise_ffn_backward(Tensor grad_out, Tensor x, Tensor w_gate, Tensor w_up, Tensor w_down, *, int chunk) "
+      "-> (Tensor grad_x, Tensor grad_w_gate, Tensor grad_w_up, Tensor grad_w_down)");
+  m.def(
+      "chunked_lm_loss(Tensor h, Tensor w_head, Tensor targets, *, int chunk, int ignore_index=-100, "
+      "float z_loss=0.0, bool float32_logits=True) -> (Tensor loss, Tensor n_tokens, Tensor n_correct)");
+  m.def(
+      "chunked_lm_loss_backward(Tensor grad_loss, Tensor h, Tensor w_head, Tensor targets, *, int chunk, "
+      "int ignore_index=-100, float z_loss=0.0, bool float32_logits=True) -> (Tensor grad_h, Tensor grad_w_head)");
 }

@@ -1,0 +1,32 @@
+#include "csrc/nn/blockwise_feed_forward.h"
+
+#include "csrc/ops/ops.h"
+
+namespace bpt::nn {
+
+BlockwiseFeedForwardImpl::BlockwiseFeedForwardImpl(const BlockwiseFeedForwardOptions& options_)
+    : options(options_) {
+  reset();
+}
+
+void BlockwiseFeedForwardImpl::reset() {
+  TORCH_CHECK(options.dim() > 0 && options.hidden_dim() > 0, "BlockwiseFeedForward: dim and hidden_dim must be "
+              "positive, got ", options.dim(), " and ", options.hidden_dim());
+  TORCH_CHECK(options.chunk() == -1 || options.chunk() >= 1, "BlockwiseFeedForward: chunk must be positive or -1, got ",
+              options.chunk());
+  const auto linear = [](int64_t in, int64_t out) { return torch::nn::LinearOptions(in, out).bias(false); };
+  gate_proj = register_module("gate_proj", torch::nn::Linear(linear(options.dim(), options.hidden_dim())));
+  up_proj = register_module("up_proj", torch::nn::Linear(linear(options.dim(), options.hidden_dim())));
+  down_proj = register_module("down_proj", torch::nn::Linear(linear(options.hidden_dim(), options.dim())));
+}
+
+void BlockwiseFeedForwardImpl::pretty_print(std::ostream& stream) const {
+  stream << "bpt::nn::BlockwiseFeedForward(dim=" << options.dim() << ", hidden_dim=" << options.hidden_dim()
+         << ", chunk=" << options.chunk() << ")";
+}
+
+at::Tensor BlockwiseFeedForwardImpl::forward(const at::Tensor& x) {
+  return ops::blockwise_ffn(x, gate_proj->weight, up_proj->weight, down_proj->weight, options.chunk());
+}
+
+}  // namespace bpt::nn

@@ -1,0 +1,206 @@
+// bpt::chunked_lm_loss: LM head + cross-entropy over chunks of tokens, forward and backward
+// side by side, never materialising [N, vocab] logits. Written over ATen (every device),
+// bound as CompositeExplicitAutograd with its own Meta kernel and autograd.
+//
+//   h [N, D] (any leading dims), w_head [V, D], targets [N] int64 (ignore_index skipped)
+//   per chunk: logits = h w_head^T [chunk, V], lse = logsumexp(logits)
+//   loss = (sum_valid (lse - logit[target]) + z_loss * sum_valid lse^2) / n_valid
+// The backward recomputes each chunk's logits: dlogits = softmax * (1 + 2 z_loss lse) - onehot.
+
+#include <ATen/ATen.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+#include "csrc/ops/checks.h"
+#include "csrc/ops/ops.h"
+
+namespace bpt::ops {
+namespace {
+
+constexpr const char* kOp = "bpt::chunked_lm_loss";
+
+void check_args(const at::Tensor& h, const at::Tensor& w_head, const at::Tensor& targets, int64_t chunk,
+                double z_loss) {
+  check_float(kOp, "h", h);
+  TORCH_CHECK(h.dim() >= 2, kOp, ": h must be [N, D] or [B, T, D], got shape ", h.sym_sizes());
+  check_float(kOp, "w_head", w_head);
+  check_dim(kOp, "w_head", w_head, 2, "[V, D]");
+  check_same_dtype(kOp, "w_head", w_head, h, "h");
+  check_same_device(kOp, "w_head", w_head, h, "h");
+  check_size(kOp, "w_head.size(1)", w_head.sym_size(1), h.sym_size(-1), "h.size(-1), the model dim D");
+  TORCH_CHECK(targets.scalar_type() == at::kLong || targets.scalar_type() == at::kInt, kOp,
+              ": targets must be int64 or int32, got ", targets.scalar_type());
+  check_same_device(kOp, "targets", targets, h, "h");
+  TORCH_CHECK(targets.sym_sizes() == h.sym_sizes().slice(0, h.dim() - 1), kOp,
+              ": targets must have h's shape without its last dim, ", h.sym_sizes().slice(0, h.dim() - 1), ", got ",
+              targets.sym_sizes());
+  TORCH_CHECK(chunk == -1 || chunk >= 1, kOp, ": chunk must be a positive number of tokens or -1 (no chunking), got ",
+              chunk);
+  TORCH_CHECK(z_loss >= 0, kOp, ": z_loss must be >= 0, got ", z_loss);
+}
+
+struct Flat {
+  at::Tensor h, targets, valid;
+  int64_t n, step;
+};
+
+// h as [N, D], targets as [N] int64 with their validity mask; checks targets against V.
+Flat flatten(const at::Tensor& h, const at::Tensor& w_head, const at::Tensor& targets, int64_t chunk,
+             int64_t ignore_index) {
+  Flat f;
+  f.h = h.reshape({-1, h.size(-1)});
+  f.targets = targets.reshape({-1}).to(at::kLong);
+  f.valid = f.targets != ignore_index;
+  f.n = f.h.size(0);
+  f.step = std::max<int64_t>(1, chunk == -1 ? f.n : std::min(chunk, f.n));
+  const int64_t V = w_head.size(0);
+  const at::Tensor bad = f.valid & ((f.targets < 0) | (f.targets >= V));
+  if (bad.any().item<bool>()) {
+    const int64_t i = bad.nonzero()[0][0].item<int64_t>();
+    TORCH_CHECK(false, kOp, ": targets[", i, "] = ", f.targets[i].item<int64_t>(), " is outside the vocabulary [0, ",
+                V, ") and is not ignore_index (", ignore_index, ")");
+  }
+  return f;
+}
+
+bool is_reduced(const at::Tensor& t) { return t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf; }
+
+// Sums and statistics are kept in fp32, or fp64 for fp64 input.
+at::ScalarType accumulate_type(const at::Tensor& h) { return h.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+// One chunk's logits [len, V]: the GEMM runs in h's dtype; float32_logits lifts bf16/fp16
+// logits to fp32 before the softmax (llamabpt's flag), otherwise they stay as computed.
+at::Tensor chunk_logits(const at::Tensor& hc, const at::Tensor& w_head, bool float32_logits) {
+  at::Tensor logits = at::mm(hc, w_head.t());
+  return float32_logits && is_reduced(logits) ? logits.to(at::kFloat) : logits;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_impl(const at::Tensor& h, const at::Tensor& w_head,
+                                                         const at::Tensor& targets, int64_t chunk,
+                                                         int64_t ignore_index, double z_loss, bool float32_logits) {
+  check_args(h, w_head, targets, chunk, z_loss);
+  const Flat f = flatten(h, w_head, targets, chunk, ignore_index);
+  const auto acc = accumulate_type(h);
+  at::Tensor ce_sum = at::zeros({}, h.options().dtype(acc)), z_sum = at::zeros({}, h.options().dtype(acc));
+  at::Tensor n_correct = at::zeros({}, h.options().dtype(at::kLong));
+  for (int64_t start = 0; start < f.n; start += f.step) {
+    const int64_t len = std::min(f.step, f.n - start);
+    const at::Tensor logits = chunk_logits(f.h.narrow(0, start, len), w_head, float32_logits);
+    const at::Tensor t = f.targets.narrow(0, start, len), valid = f.valid.narrow(0, start, len);
+    const at::Tensor lse = at::logsumexp(logits, {1}).to(acc);
+    const at::Tensor target_logit = logits.gather(1, t.clamp_min(0).unsqueeze(1)).squeeze(1).to(acc);
+    ce_sum.add_(at::where(valid, lse - target_logit, 0).sum());
+    if (z_loss > 0) z_sum.add_(at::where(valid, lse * lse, 0).sum());
+    n_correct.add_((logits.argmax(1) == t).logical_and_(valid).sum());
+  }
+  const at::Tensor n_tokens = f.valid.sum();
+  // No valid target: loss 0 (not NaN), so an all-padding batch does not poison training.
+  const at::Tensor loss = (ce_sum + z_sum * z_loss) / n_tokens.clamp_min(1).to(acc);
+  return {loss, n_tokens, n_correct};
+}
+
+std::tuple<at::Tensor, at::Tensor> loss_backward_impl(const at::Tensor& grad_loss, const at::Tensor& h,
+                                                      const at::Tensor& w_head, const at::Tensor& targets,
+                                                      int64_t chunk, int64_t ignore_index, double z_loss,
+                                                      bool float32_logits) {
+  check_args(h, w_head, targets, chunk, z_loss);
+  const Flat f = flatten(h, w_head, targets, chunk, ignore_index);
+  // d loss / d logit = grad_loss / n_valid * (softmax * (1 + 2 z_loss lse) - onehot(target)), valid rows only.
+  const auto acc = accumulate_type(h);
+  const at::Tensor coef = grad_loss.to(acc) / f.valid.sum().clamp_min(1).to(acc);
+  const bool reduced = is_reduced(h);
+  at::Tensor dw = at::zeros(w_head.sizes(), w_head.options().dtype(acc));
+  at::Tensor dh = at::empty(f.h.sizes(), h.options());
+  for (int64_t start = 0; start < f.n; start += f.step) {
+    const int64_t len = std::min(f.step, f.n - start);
+    const at::Tensor hc = f.h.narrow(0, start, len);
+    at::Tensor logits = chunk_logits(hc, w_head, float32_logits);
+    const at::Tensor t = f.targets.narrow(0, start, len), valid = f.valid.narrow(0, start, len);
+    const at::Tensor lse = at::logsumexp(logits, {1}, /*keepdim=*/true);
+    // logits becomes dlogits in place: one [chunk, V] buffer (plus the softmax's).
+    at::Tensor dlogits = logits.sub_(lse).exp_();
+    if (z_loss > 0) dlogits.mul_(lse.to(dlogits.scalar_type()) * (2 * z_loss) + 1);
+    dlogits.scatter_add_(1, t.clamp_min(0).unsqueeze(1),
+                         at::full({len, 1}, -1.0, dlogits.options()));
+    dlogits.mul_((valid.to(acc) * coef).unsqueeze(1).to(dlogits.scalar_type()));
+    const at::Tensor dl = dlogits.to(h.scalar_type());
+    at::Tensor dh_chunk = dh.narrow(0, start, len);
+    at::mm_out(dh_chunk, dl, w_head);
+    if (reduced) {
+      dw.add_(at::mm(dl.t(), hc));
+    } else {
+      dw.addmm_(dl.t(), hc);
+    }
+  }
+  return {dh.view(h.sizes()), dw.to(w_head.scalar_type())};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_meta(const at::Tensor& h, const at::Tensor& w_head,
+                                                         const at::Tensor& targets, int64_t chunk,
+                                                         int64_t ignore_index, double z_loss, bool float32_logits) {
+  check_args(h, w_head, targets, chunk, z_loss);
+  const auto scalar = [&](at::ScalarType t) { return at::empty({}, h.options().dtype(t)); };
+  return {scalar(accumulate_type(h)), scalar(at::kLong), scalar(at::kLong)};
+}
+
+std::tuple<at::Tensor, at::Tensor> loss_backward_meta(const at::Tensor& grad_loss, const at::Tensor& h,
+                                                      const at::Tensor& w_head, const at::Tensor& targets,
+                                                      int64_t chunk, int64_t ignore_index, double z_loss,
+                                                      bool float32_logits) {
+  check_args(h, w_head, targets, chunk, z_loss);
+  return {at::empty_symint(h.sym_sizes(), h.options()), at::empty_symint(w_head.sym_sizes(), w_head.options())};
+}
+
+// Saves the inputs only; no logits survive the forward.
+class ChunkedLMLossFunction : public torch::autograd::Function<ChunkedLMLossFunction> {
+ public:
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& h,
+                                                const at::Tensor& w_head, const at::Tensor& targets, int64_t chunk,
+                                                int64_t ignore_index, double z_loss, bool float32_logits) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [loss, n_tokens, n_correct] =
+        ops::chunked_lm_loss(h, w_head, targets, chunk, ignore_index, z_loss, float32_logits);
+    ctx->save_for_backward({h, w_head, targets});
+    ctx->saved_data["chunk"] = chunk;
+    ctx->saved_data["ignore_index"] = ignore_index;
+    ctx->saved_data["z_loss"] = z_loss;
+    ctx->saved_data["float32_logits"] = float32_logits;
+    ctx->mark_non_differentiable({n_tokens, n_correct});
+    return {loss, n_tokens, n_correct};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    if (!grads[0].defined()) return std::vector<at::Tensor>(7);
+    const auto s = ctx->get_saved_variables();
+    const auto& d = ctx->saved_data;
+    auto [dh, dw] = ops::chunked_lm_loss_backward(grads[0], s[0], s[1], s[2], d.at("chunk").toInt(),
+                                                  d.at("ignore_index").toInt(), d.at("z_loss").toDouble(),
+                                                  d.at("float32_logits").toBool());
+    return {dh, dw, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_autograd(const at::Tensor& h, const at::Tensor& w_head,
+                                                             const at::Tensor& targets, int64_t chunk,
+                                                             int64_t ignore_index, double z_loss,
+                                                             bool float32_logits) {
+  auto outs = ChunkedLMLossFunction::apply(h, w_head, targets, chunk, ignore_index, z_loss, float32_logits);
+  return {outs[0], outs[1], outs[2]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(bpt, CompositeExplicitAutograd, m) {
+  m.impl("chunked_lm_loss", &loss_impl);
+  m.impl("chunked_lm_loss_backward", &loss_backward_impl);
+}
+
+TORCH_LIBRARY_IMPL(bpt, Meta, m) {
+  m.impl("chunked_lm_loss", &loss_meta);
+  m.impl("chunked_lm_loss_backward", &loss_backward_meta);
+}
+
+TORCH_LIBRARY_IMPL(bpt, Autograd, m) { m.impl("chunked_lm_loss", &loss_autograd); }
+
+}  // namespace bpt::ops
