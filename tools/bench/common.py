@@ -2,13 +2,16 @@
 its own, and every implementation of a case is timed in the same run, side by side.
 
 A benchmark script defines `cases(quick) -> list[dict]` (each dict the case's params plus
-"impl") and `run_case(params) -> dict` (timings in ms, measured with `time_ms`), and ends
-with `main(__file__, cases, run_case)`. Records written with --out are a JSON list of
-{"bench", "impl", "params", "ms", "peak_mb", "machine", ...extra timings}:
+"impl"), its phases (e.g. ("fwd", "fwdbwd")) and `run_phase(params, phase) -> (ms, peak_mb)`
+(usually `measure(setup, fn)`), and ends with `main(__file__, cases, PHASES, run_phase)`.
+Each (case, phase) runs in a fresh process. Records written with --out are a JSON list of
+{"bench", "impl", "params", "ms", "peak_mb", "<phase>_ms", "<phase>_peak_mb", "machine"}:
 
-- ms: median of repeated runs (the case's headline time, e.g. forward);
-- peak_mb: the peak resident memory the case reached above what the process held just
-  before it ran (inputs already allocated), read from the kernel's VmHWM after resetting it.
+- <phase>_ms: median of repeated runs; ms is the first phase's;
+- <phase>_peak_mb: the peak resident memory the phase reached above what its process held
+  just before it ran (inputs allocated), read from the kernel's VmHWM after resetting it;
+  peak_mb is the largest over the phases.
+A phase may return None to mark itself skipped (e.g. naive attention beyond its memory).
 """
 
 from __future__ import annotations
@@ -74,60 +77,84 @@ def machine() -> dict:
     }
 
 
-def _run_one_case(bench: str, run_case, params: dict) -> dict:
-    """In the child: run the case, return its record."""
-    import torch
-
-    torch.manual_seed(0)
-    result = run_case(params)
-    params = {k: v for k, v in params.items() if k != "impl"}
-    return {"bench": bench, "impl": result.pop("impl"), "params": params, **result}
-
-
 def measure(setup, fn) -> tuple[float, float]:
-    """Calls setup() (inputs), then resets the peak mark, then times fn(*inputs).
+    """Calls setup() (inputs), resets the peak mark, then runs fn(*inputs): the first call's
+    peak is the phase's peak (as a training step's would be) and doubles as warm-up.
     Returns (median ms, peak MB above the RSS held with inputs allocated)."""
     inputs = setup()
     base = reset_peak_memory()
-    fn(*inputs)  # the first call's peak counts, as a training step's would
+    t0 = time.perf_counter()
+    fn(*inputs)
+    first_s = time.perf_counter() - t0
     peak = peak_memory_mb() - base
-    ms = time_ms(lambda: fn(*inputs))
+    # Long calls are timed fewer times: the median of 3, or the one call past 10 s.
+    if first_s > 10:
+        ms = first_s * 1e3
+    elif first_s > 1:
+        ms = time_ms(lambda: fn(*inputs), min_reps=3, max_reps=3, warmup=0)
+    else:
+        ms = time_ms(lambda: fn(*inputs), warmup=1)
     return ms, max(peak, 0.0)
 
 
-def main(script: str, cases, run_case) -> None:
+def _child(run_phase, params: dict, phase: str) -> dict:
+    import torch
+
+    torch.manual_seed(0)
+    result = run_phase(params, phase)
+    return {"skipped": True} if result is None else {"ms": result[0], "peak_mb": result[1]}
+
+
+def _run_in_process(script: str, params: dict, phase: str, timeout: float) -> dict:
+    cmd = [sys.executable, script, "--case", json.dumps(params), "--phase", phase]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    if proc.returncode != 0:
+        lines = proc.stderr.strip().splitlines() or ["(no output)"]
+        return {"error": lines[-1][:300]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(script: str, cases, phases, run_phase) -> None:
     bench = Path(script).stem
     parser = argparse.ArgumentParser(description=f"bpt benchmark: {bench}")
     parser.add_argument("--quick", action="store_true", help="a few small cases (well under 3 minutes)")
     parser.add_argument("--out", type=Path, help="write the records as JSON to this file")
-    parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case in this process
-    parser.add_argument("--timeout", type=float, default=600, help="seconds allowed per case")
-    args = parser.parse_args()
+    parser.add_argument("--timeout", type=float, default=900, help="seconds allowed per case and phase")
+    parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case ...
+    parser.add_argument("--phase", help=argparse.SUPPRESS)  # ... and phase in this process
+    args, _ = parser.parse_known_args()  # benchmark-specific flags are read by the script
 
     if args.case is not None:
-        print(json.dumps(_run_one_case(bench, run_case, json.loads(args.case))))
+        print(json.dumps(_child(run_phase, json.loads(args.case), args.phase)))
         return
 
     sys.path.insert(0, str(REPO / "tools" / "bench"))
     from report import print_table
 
-    records = []
+    records, failed = [], False
     for params in cases(args.quick):
-        cmd = [sys.executable, script, "--case", json.dumps(params)]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-        except subprocess.TimeoutExpired:
-            print(f"{bench}: case {params} timed out after {args.timeout:.0f} s", file=sys.stderr)
-            records.append({"bench": bench, "impl": params.get("impl"), "params": params, "error": "timeout"})
-            continue
-        if proc.returncode != 0:
-            last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-            print(f"{bench}: case {params} failed: {last}", file=sys.stderr)
-            records.append({"bench": bench, "impl": params.get("impl"), "params": params, "error": last})
-            continue
-        record = json.loads(proc.stdout.strip().splitlines()[-1])
+        record = {"bench": bench, "impl": params["impl"], "params": {k: v for k, v in params.items() if k != "impl"}}
+        for phase in phases:
+            result = _run_in_process(script, params, phase, args.timeout)
+            if "error" in result:
+                print(f"{bench}: {params} {phase} failed: {result['error']}", file=sys.stderr)
+                record["error"] = result["error"]
+                failed = True
+            elif "skipped" in result:
+                record.setdefault("skipped", []).append(phase)
+            else:
+                record[f"{phase}_ms"] = result["ms"]
+                record[f"{phase}_peak_mb"] = result["peak_mb"]
+        done = [p for p in phases if f"{p}_ms" in record]
+        if done:
+            record["ms"] = record[f"{done[0]}_ms"]
+            record["peak_mb"] = max(record[f"{p}_peak_mb"] for p in done)
         records.append(record)
-        print(f"  {record['impl']:>12} {json.dumps(record['params'])}: {record['ms']:.3f} ms", flush=True)
+        shown = ", ".join(f"{p} {record[f'{p}_ms']:.2f} ms" for p in done) or "skipped"
+        print(f"  {record['impl']:>9} {json.dumps(record['params'])}: {shown}", flush=True)
 
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -135,6 +162,5 @@ def main(script: str, cases, run_case) -> None:
         args.out.write_text(json.dumps([{**r, "machine": host} for r in records], indent=1) + "\n")
         print(f"wrote {args.out}")
     print_table(records)
-    if any("error" in r for r in records):
+    if failed:
         sys.exit(1)
-

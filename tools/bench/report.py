@@ -1,6 +1,6 @@
 """Prints benchmark records (the JSON files tools/bench/*.py write) as tables: one row per
-case, one column group per implementation, and each time and peak as a ratio to the
-PyTorch baseline of the same case.
+case and implementation, each time and peak with its ratio to the PyTorch baseline of the
+same case.
 
     .venv/bin/python tools/bench/report.py bench-results/*.json [--markdown]
 """
@@ -13,61 +13,56 @@ from collections import defaultdict
 from pathlib import Path
 
 # The implementation each benchmark compares against (first found in a case).
-BASELINES = ("torch", "sdpa", "unfused", "unchunked", "full", "vanilla")
-TIME_KEYS = ("ms", "fwd_ms", "fwdbwd_ms")
+BASELINES = ("torch", "sdpa", "unfused", "unchunked", "vanilla")
 
 
-def _fmt(v):
-    if isinstance(v, float):
-        return f"{v:.3f}" if v < 100 else f"{v:.1f}"
-    return str(v)
+def _num(v):
+    return f"{v:.2f}" if v < 100 else f"{v:.0f}"
 
 
-def rows_of(records):
-    """Groups records by (bench, params) -> {impl: record}."""
-    groups = defaultdict(dict)
-    for r in records:
-        key = (r["bench"], json.dumps(r["params"], sort_keys=True))
-        groups[key][r["impl"]] = r
-    return groups
+def _cell(record, key, base):
+    """'12.3 (0.45x)': the value and its ratio to the baseline's."""
+    if record is None or key not in record:
+        return "skipped" if record and "skipped" in record else (record or {}).get("error", "-")[:40]
+    v = record[key]
+    if not isinstance(v, (int, float)):
+        return str(v)
+    if base is not None and base is not record and isinstance(base.get(key), (int, float)) and base[key] > 0:
+        return f"{_num(v)} ({v / base[key]:.2f}x)"
+    return _num(v)
 
 
 def table_lines(records, markdown=False):
+    """One table per benchmark: a row per (case, implementation); each time and peak with its
+    ratio to the baseline implementation of the same case."""
     lines = []
-    groups = rows_of(records)
-    benches = sorted({b for b, _ in groups})
-    for bench in benches:
+    groups = defaultdict(dict)  # (bench, params) -> impl -> record
+    for r in records:
+        groups[(r["bench"], json.dumps(r["params"]))][r["impl"]] = r
+    for bench in dict.fromkeys(b for b, _ in groups):
         keys = [k for k in groups if k[0] == bench]
-        impls = sorted({i for k in keys for i in groups[k]})
-        base = next((b for b in BASELINES if b in impls), impls[0])
-        others = [i for i in impls if i != base]
-        time_keys = [t for t in TIME_KEYS[1:] if any(t in r for k in keys for r in groups[k].values())] or ["ms"]
-        header = ["params"] + [f"{base} {t}" for t in time_keys] + [f"{base} peak_mb"]
-        for i in others:
-            header += [f"{i} {t}" for t in time_keys] + [f"{i}/{base} {t}" for t in time_keys]
-            header += [f"{i} peak_mb", f"{i}/{base} peak"]
+        impls = list(dict.fromkeys(i for k in keys for i in groups[k]))
+        base_impl = next((b for b in BASELINES if b in impls), None)
+        metrics = list(dict.fromkeys(
+            m for k in keys for r in groups[k].values() for m in r
+            if m.endswith("_ms") or m.endswith("_peak_mb") or m.startswith("max_")))
+        metrics = [m for m in metrics if m.endswith("_ms")] + [m for m in metrics if not m.endswith("_ms")]
+        header = ["params", "impl"] + metrics
         body = []
         for k in keys:
-            g = groups[k]
-            row = [", ".join(f"{n}={v}" for n, v in json.loads(k[1]).items())]
-            b = g.get(base, {})
-            row += [_fmt(b.get(t, "-")) for t in time_keys] + [_fmt(b.get("peak_mb", "-"))]
-            for i in others:
-                r = g.get(i, {})
-                row += [_fmt(r.get(t, r.get("error", "-"))) for t in time_keys]
-                row += [_fmt(r[t] / b[t]) if t in r and b.get(t) else "-" for t in time_keys]
-                row += [_fmt(r.get("peak_mb", "-"))]
-                row += [_fmt(r["peak_mb"] / b["peak_mb"]) if "peak_mb" in r and b.get("peak_mb") else "-"]
-            body.append(row)
-        lines.append(f"\n{bench}" if not markdown else f"\n### {bench}\n")
+            base = groups[k].get(base_impl)
+            params = ", ".join(f"{n}={v}" for n, v in json.loads(k[1]).items())
+            for impl in impls:
+                if impl in groups[k]:
+                    body.append([params, impl] + [_cell(groups[k][impl], m, base) for m in metrics])
+        title = f"{bench} (ratios against {base_impl})" if base_impl else bench
         if markdown:
-            lines.append("| " + " | ".join(header) + " |")
-            lines.append("|" + "---|" * len(header))
+            lines += [f"\n### {title}\n", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
             lines += ["| " + " | ".join(r) + " |" for r in body]
         else:
             widths = [max(len(x) for x in col) for col in zip(header, *body)]
-            lines.append("  ".join(h.rjust(w) for h, w in zip(header, widths)))
-            lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in body]
+            lines += [f"\n{title}", "  ".join(h.ljust(w) for h, w in zip(header, widths))]
+            lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in body]
     return lines
 
 

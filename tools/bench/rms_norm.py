@@ -7,6 +7,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import main, measure  # noqa: E402
 
+PHASES = ("fwd", "fwdbwd")
+
 
 def cases(quick):
     shapes = [(4096, 4096), (16384, 1024)] if quick else [(4096, 4096), (16384, 1024), (2048, 8192), (65536, 512)]
@@ -18,7 +20,7 @@ def cases(quick):
     ]
 
 
-def run_case(p):
+def run_phase(p, phase):
     import torch
 
     import bpt
@@ -30,24 +32,22 @@ def run_case(p):
         return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
     fn = bpt.rms_norm if p["impl"] == "bpt" else torch_rms_norm
+    train = phase == "fwdbwd"
 
-    def inputs(requires_grad):
-        x = torch.randn(p["rows"], p["D"], dtype=dtype, requires_grad=requires_grad)
-        w = torch.randn(p["D"], dtype=dtype, requires_grad=requires_grad)
+    def setup():
+        x = torch.randn(p["rows"], p["D"], dtype=dtype, requires_grad=train)
+        w = torch.randn(p["D"], dtype=dtype, requires_grad=train)
         return x, w, torch.randn(p["rows"], p["D"], dtype=dtype)
 
-    def forward(x, w, g):
-        with torch.no_grad():
-            fn(x, w, 1e-6)
+    def step(x, w, g):
+        if train:
+            fn(x, w, 1e-6).backward(g)
+        else:
+            with torch.no_grad():
+                fn(x, w, 1e-6)
 
-    def forward_backward(x, w, g):
-        fn(x, w, 1e-6).backward(g)
-
-    fwd_ms, fwd_peak = measure(lambda: inputs(False), forward)
-    fwdbwd_ms, fwdbwd_peak = measure(lambda: inputs(True), forward_backward)
-    return {"impl": p["impl"], "ms": fwd_ms, "fwd_ms": fwd_ms, "fwdbwd_ms": fwdbwd_ms,
-            "peak_mb": max(fwd_peak, fwdbwd_peak), "fwd_peak_mb": fwd_peak, "fwdbwd_peak_mb": fwdbwd_peak}
+    return measure(setup, step)
 
 
 if __name__ == "__main__":
-    main(__file__, cases, run_case)
+    main(__file__, cases, PHASES, run_phase)

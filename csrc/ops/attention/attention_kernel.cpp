@@ -89,13 +89,24 @@ T row_max(const T* x, int64_t n) {
   return at::vec::reduce_all<T>([](Vec a, Vec b) { return at::vec::maximum(a, b); }, x, n);
 }
 
-// x <- exp(x - shift); returns the sum of the new x.
+// x <- exp(x - shift), returning the sum of the new x: one pass over the row.
 template <typename T>
 T exp_shifted_sum(T* x, int64_t n, T shift) {
   using Vec = at::vec::Vectorized<T>;
   const Vec s(shift);
-  at::vec::map([s](Vec v) { return vexp(v - s); }, x, x, n);
-  return at::vec::reduce_all<T>([](Vec a, Vec b) { return a + b; }, x, n);
+  Vec acc(T(0));
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    const Vec e = vexp(Vec::loadu(x + i) - s);
+    e.store(x + i);
+    acc = acc + e;
+  }
+  if (i < n) {
+    const Vec e = vexp(Vec::loadu(x + i, n - i) - s);
+    e.store(x + i, n - i);
+    acc = acc + Vec::set(Vec(T(0)), e, n - i);
+  }
+  return at::vec::vec_reduce_all<T>([](Vec a, Vec b) { return a + b; }, acc);
 }
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -114,11 +125,14 @@ void forward_typed(const AttentionParams& p, const at::Tensor& q, const at::Tens
   T* out_data = out.mutable_data_ptr<T>();
   T* lse_data = lse.mutable_data_ptr<T>();
 
-  at::parallel_for(0, p.batch * p.q_heads * n_q_blocks, 1, [&](int64_t begin, int64_t end) {
+  // Tasks are (b, h, query block), the last query blocks first: under a causal mask they
+  // cost the most, and handing them out early keeps the threads' ends even.
+  parallel_tasks(p.batch * p.q_heads * n_q_blocks, [&](const auto& next_task) {
     std::vector<T> scores(p.q_chunk * p.k_chunk), acc(p.q_chunk * D), m(p.q_chunk), l(p.q_chunk);
-    for (int64_t task = begin; task < end; ++task) {
+    for (int64_t task; (task = next_task()) >= 0;) {
       const int64_t bh = task / n_q_blocks, b = bh / p.q_heads, h = bh % p.q_heads;
-      const Span qs{(task % n_q_blocks) * p.q_chunk, std::min(p.q_chunk, T_len - (task % n_q_blocks) * p.q_chunk)};
+      const int64_t q_block = n_q_blocks - 1 - task % n_q_blocks;
+      const Span qs{q_block * p.q_chunk, std::min(p.q_chunk, T_len - q_block * p.q_chunk)};
       const int64_t kv_head = b * p.kv_heads + h / p.group();
       const T* Q = q_data + (bh * T_len + qs.start) * D;
       const T* K = k_data + kv_head * S * D;
@@ -187,9 +201,9 @@ void backward_typed(const AttentionParams& p, const at::Tensor& grad_out, const 
   T* gv_data = grad_v_per_head.mutable_data_ptr<T>();
 
   // One task per (b, query head): it owns grad_q[b, h] and the per-head grad_k/grad_v slices.
-  at::parallel_for(0, p.batch * p.q_heads, 1, [&](int64_t begin, int64_t end) {
+  parallel_tasks(p.batch * p.q_heads, [&](const auto& next_task) {
     std::vector<T> probs(p.q_chunk * p.k_chunk), dprobs(p.q_chunk * p.k_chunk);
-    for (int64_t bh = begin; bh < end; ++bh) {
+    for (int64_t bh; (bh = next_task()) >= 0;) {
       const int64_t b = bh / p.q_heads, h = bh % p.q_heads;
       const int64_t kv_head = b * p.kv_heads + h / p.group();
       const T* Q = q_data + bh * T_len * D;
