@@ -9,6 +9,7 @@
 
 #include <cmath>
 
+#include "csrc/ops/bf16_gemm.h"
 #include "csrc/ops/checks.h"
 #include "csrc/ops/ops.h"
 
@@ -60,6 +61,12 @@ void check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, i
 
 at::ScalarType opmath_of(const at::Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
+// The dtype the kernel's GEMMs read: bf16 stays bf16 where the CPU has bf16 dot products
+// (ATEN_CPU_CAPABILITY below avx512 turns that off), everything else computes in opmath.
+at::ScalarType compute_type_of(const at::Tensor& t) {
+  return t.scalar_type() == at::kBFloat16 && cpu::bf16_gemm_available() ? at::kBFloat16 : opmath_of(t);
+}
+
 std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                  bool causal, int64_t q_chunk, int64_t k_chunk,
                                                  const std::optional<at::Tensor>& segment_ids,
@@ -70,8 +77,9 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::
   at::Tensor out = at::empty({p.batch, p.q_heads, p.q_len, p.head_dim}, opts);
   at::Tensor lse = at::empty({p.batch, p.q_heads, p.q_len}, opts);
   const at::Tensor seg = p.has_segments ? segment_ids->to(at::kLong).contiguous() : at::Tensor();
-  cpu::attention_forward_kernel()(p, q.to(opmath).contiguous(), k.to(opmath).contiguous(), v.to(opmath).contiguous(),
-                                  seg, out, lse);
+  const auto compute = compute_type_of(q);
+  cpu::attention_forward_kernel()(p, q.to(compute).contiguous(), k.to(compute).contiguous(),
+                                  v.to(compute).contiguous(), seg, out, lse);
   return {out.to(q.scalar_type()), lse};
 }
 
@@ -85,19 +93,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
               out.sizes());
   TORCH_CHECK(lse.sizes() == q.sizes().slice(0, 3), kOp, "_backward: lse must be [B, Hq, T] = ",
               q.sizes().slice(0, 3), ", got ", lse.sizes());
-  const auto opmath = opmath_of(q);
-  const at::Tensor go = grad_out.to(opmath).contiguous();
+  const auto opmath = opmath_of(q), compute = compute_type_of(q);
   // delta_i = sum_d dO_id O_id - dL/dlse_i: the softmax backward's row term, folded with lse's own gradient.
-  at::Tensor delta = (go * out.to(opmath)).sum(-1);
+  at::Tensor delta = (grad_out.to(opmath) * out.to(opmath)).sum(-1);
   if (grad_lse.has_value() && grad_lse->defined()) delta = delta - grad_lse->to(opmath);
   const auto opts = q.options().dtype(opmath);
   at::Tensor grad_q = at::zeros({p.batch, p.q_heads, p.q_len, p.head_dim}, opts);
   at::Tensor grad_k = at::zeros({p.batch, p.q_heads, p.kv_len, p.head_dim}, opts);
   at::Tensor grad_v = at::zeros({p.batch, p.q_heads, p.kv_len, p.head_dim}, opts);
   const at::Tensor seg = p.has_segments ? segment_ids->to(at::kLong).contiguous() : at::Tensor();
-  cpu::attention_backward_kernel()(p, go, q.to(opmath).contiguous(), k.to(opmath).contiguous(),
-                                   v.to(opmath).contiguous(), lse.to(opmath).contiguous(), delta.contiguous(), seg,
-                                   grad_q, grad_k, grad_v);
+  cpu::attention_backward_kernel()(p, grad_out.to(compute).contiguous(), q.to(compute).contiguous(),
+                                   k.to(compute).contiguous(), v.to(compute).contiguous(), lse.to(opmath).contiguous(),
+                                   delta.contiguous(), seg, grad_q, grad_k, grad_v);
   if (p.group() > 1) {  // sum each kv head's gradient over the query heads that share it
     grad_k = grad_k.view({p.batch, p.kv_heads, p.group(), p.kv_len, p.head_dim}).sum(2);
     grad_v = grad_v.view({p.batch, p.kv_heads, p.group(), p.kv_len, p.head_dim}).sum(2);

@@ -43,8 +43,9 @@ AttentionParams make_attention_params(const at::Tensor& q, const at::Tensor& k, 
 
 namespace bpt::cpu {
 
-// All tensors contiguous, in opmath (fp32, or fp64 for fp64 input), lse and delta too;
-// segment_ids int64 [B, S] or undefined. out, lse preallocated.
+// All tensors contiguous. q, k, v (and grad_out) in the compute type: fp32 or fp64, or bf16
+// when bf16_gemm_available(); out, lse, delta and the gradients in the accumulation type
+// (fp64 for fp64, fp32 otherwise). segment_ids int64 [B, S] or undefined. Outputs preallocated.
 using attention_forward_fn = void(const ops::AttentionParams& p, const at::Tensor& q, const at::Tensor& k,
                                   const at::Tensor& v, const at::Tensor& segment_ids, const at::Tensor& out,
                                   const at::Tensor& lse);

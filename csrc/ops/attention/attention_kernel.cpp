@@ -1,6 +1,6 @@
 // Blockwise attention CPU kernels, forward and backward side by side (FlashAttention-2
-// scheme). Built once per instruction set; T is the opmath type (float or double), every
-// input already converted and contiguous.
+// scheme). Built once per instruction set. Inputs arrive contiguous, as fp32/fp64, or as
+// bf16 when the AVX512-BF16 GEMM is available; T is the accumulation type (fp32 or fp64).
 //
 // forward, per (b, h, query block Qi):            backward, per (b, h), key block Kj outer:
 //   for each key block Kj not masked away:          for each query block Qi that sees Kj:
@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "csrc/ops/attention/attention.h"
+#include "csrc/ops/bf16_gemm.h"
 #include "csrc/ops/blas.h"
 #include "csrc/ops/kernel_utils.h"
 
@@ -111,32 +112,180 @@ T exp_shifted_sum(T* x, int64_t n, T shift) {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// ---- GEMM back ends --------------------------------------------------------------------
+// The loops below are written once over a back end that does the block products:
+//   scores: S = scale * Q_i K_j^T            add_pv: acc += P V_j
+//   dp:     dP = dO_i V_j^T                  add_dq: dQ_i += dS K_j
+//   add_dv: dV_j += P^T dO_i                 add_dk: dK_j += dS^T Q_i   (dS carries the scale)
+// BlasGemms runs them on fp32/fp64 operands through BLAS. Bf16Gemms runs them on the bf16
+// inputs through the AVX512-BF16 kernel, rounding P and dS to bf16 as FlashAttention does
+// on GPUs; it accumulates dK_j and dV_j transposed ([D, kn]) and adds them at the block's end.
+
 template <typename T>
-void forward_typed(const AttentionParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                   const at::Tensor& segment_ids, const at::Tensor& out, const at::Tensor& lse) {
+struct BlasGemms {
+  using acc_t = T;
+  struct Scratch {};
+
+  const AttentionParams& p;
+  const T *q, *k, *v, *grad_out;  // [B*H, len, D]; grad_out only for the backward
+
+  Scratch scratch() const { return {}; }
+  const T* rows(const T* base, int64_t head, int64_t len, Span s) const {
+    return base + (head * len + s.start) * p.head_dim;
+  }
+
+  void scores(Scratch&, int64_t bh, int64_t kvh, Span qs, Span ks, T* s) const {
+    const int64_t D = p.head_dim;
+    blas::gemm(false, true, qs.len, ks.len, D, static_cast<T>(p.scale), rows(q, bh, p.q_len, qs), D,
+               rows(k, kvh, p.kv_len, ks), D, T(0), s, ks.len);
+  }
+  void add_pv(Scratch&, int64_t kvh, Span qs, Span ks, const T* probs, T* acc) const {
+    const int64_t D = p.head_dim;
+    blas::gemm(false, false, qs.len, D, ks.len, T(1), probs, ks.len, rows(v, kvh, p.kv_len, ks), D, T(1), acc, D);
+  }
+  void begin_key_block(Scratch&, Span) const {}
+  void add_dv(Scratch&, int64_t bh, Span qs, Span ks, const T* probs, T* dv) const {
+    const int64_t D = p.head_dim;
+    blas::gemm(true, false, ks.len, D, qs.len, T(1), probs, ks.len, rows(grad_out, bh, p.q_len, qs), D, T(1), dv, D);
+  }
+  void dp(Scratch&, int64_t bh, int64_t kvh, Span qs, Span ks, T* dprobs) const {
+    const int64_t D = p.head_dim;
+    blas::gemm(false, true, qs.len, ks.len, D, T(1), rows(grad_out, bh, p.q_len, qs), D, rows(v, kvh, p.kv_len, ks),
+               D, T(0), dprobs, ks.len);
+  }
+  void add_dq(Scratch&, int64_t kvh, Span qs, Span ks, const T* ds, T* dq) const {
+    const int64_t D = p.head_dim;
+    blas::gemm(false, false, qs.len, D, ks.len, T(1), ds, ks.len, rows(k, kvh, p.kv_len, ks), D, T(1), dq, D);
+  }
+  void add_dk(Scratch&, int64_t bh, Span qs, Span ks, const T* ds, T* dk) const {
+    const int64_t D = p.head_dim;
+    blas::gemm(true, false, ks.len, D, qs.len, T(1), ds, ks.len, rows(q, bh, p.q_len, qs), D, T(1), dk, D);
+  }
+  void end_key_block(Scratch&, Span, T*, T*) const {}
+};
+
+struct Bf16Gemms {
+  using acc_t = float;
+  struct Scratch {
+    std::vector<uint16_t> a;        // P or dS as a bf16 row-major A operand
+    std::vector<uint16_t> b;        // P or dS packed as a B operand
+    std::vector<float> dk_t, dv_t;  // [D, k_chunk] accumulators of dK_j^T, dV_j^T
+  };
+
+  const AttentionParams& p;
+  const uint16_t *q, *grad_out;      // [B*Hq, T, D] rows
+  const uint16_t *q_t, *grad_out_t;  // [B*Hq, D, T], backward only
+  int64_t n_k_blocks = 0, kt_block = 0, kn_block = 0;
+  // Per (kv head, key block): K^T and V^T packed as [D, kn] operands, K and V as [kn, D].
+  std::vector<uint16_t> k_t, v_t, k_n, v_n;
+
+  Bf16Gemms(const AttentionParams& params, const uint16_t* q_, const uint16_t* k, const uint16_t* v,
+            const uint16_t* grad_out_, const uint16_t* q_t_, const uint16_t* grad_out_t_)
+      : p(params), q(q_), grad_out(grad_out_), q_t(q_t_), grad_out_t(grad_out_t_) {
+    const int64_t D = p.head_dim, heads = p.batch * p.kv_heads;
+    const bool backward = grad_out != nullptr;
+    n_k_blocks = ceil_div(p.kv_len, p.k_chunk);
+    kt_block = bf16_packed_size(D, p.k_chunk);
+    kn_block = bf16_packed_size(p.k_chunk, D);
+    k_t.resize(heads * n_k_blocks * kt_block);
+    v_n.resize(heads * n_k_blocks * kn_block);
+    if (backward) {
+      v_t.resize(heads * n_k_blocks * kt_block);
+      k_n.resize(heads * n_k_blocks * kn_block);
+    }
+    at::parallel_for(0, heads * n_k_blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t hb = begin; hb < end; ++hb) {
+        const Span ks{(hb % n_k_blocks) * p.k_chunk, std::min(p.k_chunk, p.kv_len - (hb % n_k_blocks) * p.k_chunk)};
+        const uint16_t* k_rows = k + ((hb / n_k_blocks) * p.kv_len + ks.start) * D;
+        const uint16_t* v_rows = v + ((hb / n_k_blocks) * p.kv_len + ks.start) * D;
+        bf16_pack(k_rows, D, /*trans=*/true, D, ks.len, k_t.data() + hb * kt_block);
+        bf16_pack(v_rows, D, /*trans=*/false, ks.len, D, v_n.data() + hb * kn_block);
+        if (backward) {
+          bf16_pack(v_rows, D, /*trans=*/true, D, ks.len, v_t.data() + hb * kt_block);
+          bf16_pack(k_rows, D, /*trans=*/false, ks.len, D, k_n.data() + hb * kn_block);
+        }
+      }
+    });
+  }
+
+  Scratch scratch() const {
+    const int64_t block = p.q_chunk * p.k_chunk;
+    Scratch s{std::vector<uint16_t>(block), std::vector<uint16_t>(bf16_packed_size(p.q_chunk, p.k_chunk)), {}, {}};
+    if (grad_out != nullptr) {
+      s.dk_t.resize(p.head_dim * p.k_chunk);
+      s.dv_t.resize(p.head_dim * p.k_chunk);
+    }
+    return s;
+  }
+  int64_t block_index(int64_t kvh, Span ks) const { return kvh * n_k_blocks + ks.start / p.k_chunk; }
+  const uint16_t* rows(const uint16_t* base, int64_t bh, Span qs) const {
+    return base + (bh * p.q_len + qs.start) * p.head_dim;
+  }
+
+  void scores(Scratch&, int64_t bh, int64_t kvh, Span qs, Span ks, float* s) const {
+    bf16_gemm(qs.len, ks.len, p.head_dim, rows(q, bh, qs), p.head_dim, k_t.data() + block_index(kvh, ks) * kt_block,
+              s, ks.len, /*accumulate=*/false);
+    using Vec = at::vec::Vectorized<float>;
+    const Vec scale(static_cast<float>(p.scale));
+    at::vec::map([scale](Vec x) { return x * scale; }, s, s, qs.len * ks.len);
+  }
+  void add_pv(Scratch& sc, int64_t kvh, Span qs, Span ks, const float* probs, float* acc) const {
+    bf16_convert(probs, ks.len, qs.len, ks.len, sc.a.data(), ks.len);
+    bf16_gemm(qs.len, p.head_dim, ks.len, sc.a.data(), ks.len, v_n.data() + block_index(kvh, ks) * kn_block, acc,
+              p.head_dim, /*accumulate=*/true);
+  }
+  void begin_key_block(Scratch& sc, Span ks) const {
+    std::fill(sc.dk_t.begin(), sc.dk_t.begin() + p.head_dim * ks.len, 0.0f);
+    std::fill(sc.dv_t.begin(), sc.dv_t.begin() + p.head_dim * ks.len, 0.0f);
+  }
+  // dV_j^T [D, kn] += dO_i^T [D, qn] P [qn, kn]
+  void add_dv(Scratch& sc, int64_t bh, Span qs, Span ks, const float* probs, float*) const {
+    bf16_pack_from_float(probs, ks.len, qs.len, ks.len, sc.b.data());
+    bf16_gemm(p.head_dim, ks.len, qs.len, grad_out_t + bh * p.head_dim * p.q_len + qs.start, p.q_len, sc.b.data(),
+              sc.dv_t.data(), ks.len, /*accumulate=*/true);
+  }
+  void dp(Scratch&, int64_t bh, int64_t kvh, Span qs, Span ks, float* dprobs) const {
+    bf16_gemm(qs.len, ks.len, p.head_dim, rows(grad_out, bh, qs), p.head_dim,
+              v_t.data() + block_index(kvh, ks) * kt_block, dprobs, ks.len, /*accumulate=*/false);
+  }
+  void add_dq(Scratch& sc, int64_t kvh, Span qs, Span ks, const float* ds, float* dq) const {
+    bf16_convert(ds, ks.len, qs.len, ks.len, sc.a.data(), ks.len);
+    bf16_gemm(qs.len, p.head_dim, ks.len, sc.a.data(), ks.len, k_n.data() + block_index(kvh, ks) * kn_block, dq,
+              p.head_dim, /*accumulate=*/true);
+  }
+  // dK_j^T [D, kn] += Q_i^T [D, qn] dS [qn, kn]
+  void add_dk(Scratch& sc, int64_t bh, Span qs, Span ks, const float* ds, float*) const {
+    bf16_pack_from_float(ds, ks.len, qs.len, ks.len, sc.b.data());
+    bf16_gemm(p.head_dim, ks.len, qs.len, q_t + bh * p.head_dim * p.q_len + qs.start, p.q_len, sc.b.data(),
+              sc.dk_t.data(), ks.len, /*accumulate=*/true);
+  }
+  void end_key_block(Scratch& sc, Span ks, float* dk, float* dv) const {
+    for (int64_t j = 0; j < ks.len; ++j) {
+      for (int64_t d = 0; d < p.head_dim; ++d) {
+        dk[j * p.head_dim + d] += sc.dk_t[d * ks.len + j];
+        dv[j * p.head_dim + d] += sc.dv_t[d * ks.len + j];
+      }
+    }
+  }
+};
+
+// ---- the loops --------------------------------------------------------------------------
+
+template <typename Gemms, typename T = typename Gemms::acc_t>
+void forward_loop(const AttentionParams& p, const Gemms& g, const int64_t* seg_data, T* out_data, T* lse_data) {
   using Vec = at::vec::Vectorized<T>;
   const int64_t T_len = p.q_len, S = p.kv_len, D = p.head_dim;
   const int64_t n_q_blocks = ceil_div(T_len, p.q_chunk);
-  const T scale = static_cast<T>(p.scale);
-  const T* q_data = q.const_data_ptr<T>();
-  const T* k_data = k.const_data_ptr<T>();
-  const T* v_data = v.const_data_ptr<T>();
-  const int64_t* seg_data = p.has_segments ? segment_ids.const_data_ptr<int64_t>() : nullptr;
-  T* out_data = out.mutable_data_ptr<T>();
-  T* lse_data = lse.mutable_data_ptr<T>();
-
   // Tasks are (b, h, query block), the last query blocks first: under a causal mask they
   // cost the most, and handing them out early keeps the threads' ends even.
   parallel_tasks(p.batch * p.q_heads * n_q_blocks, [&](const auto& next_task) {
+    auto scratch = g.scratch();
     std::vector<T> scores(p.q_chunk * p.k_chunk), acc(p.q_chunk * D), m(p.q_chunk), l(p.q_chunk);
     for (int64_t task; (task = next_task()) >= 0;) {
       const int64_t bh = task / n_q_blocks, b = bh / p.q_heads, h = bh % p.q_heads;
       const int64_t q_block = n_q_blocks - 1 - task % n_q_blocks;
       const Span qs{q_block * p.q_chunk, std::min(p.q_chunk, T_len - q_block * p.q_chunk)};
-      const int64_t kv_head = b * p.kv_heads + h / p.group();
-      const T* Q = q_data + (bh * T_len + qs.start) * D;
-      const T* K = k_data + kv_head * S * D;
-      const T* V = v_data + kv_head * S * D;
+      const int64_t kvh = b * p.kv_heads + h / p.group();
       const int64_t* seg = seg_data ? seg_data + b * S : nullptr;
 
       std::fill(acc.begin(), acc.begin() + qs.len * D, T(0));
@@ -148,7 +297,7 @@ void forward_typed(const AttentionParams& p, const at::Tensor& q, const at::Tens
         const BlockMask mask = classify(p, seg, qs, ks);
         if (mask == BlockMask::Skip) continue;
         T* s = scores.data();
-        blas::gemm(false, true, qs.len, ks.len, D, scale, Q, D, K + k0 * D, D, T(0), s, ks.len);
+        g.scores(scratch, bh, kvh, qs, ks, s);
         if (mask == BlockMask::Partial) apply_mask(p, seg, qs, ks, s);
         for (int64_t i = 0; i < qs.len; ++i) {
           T* row = s + i * ks.len;
@@ -166,7 +315,7 @@ void forward_typed(const AttentionParams& p, const at::Tensor& q, const at::Tens
             at::vec::map([c](Vec a) { return a * c; }, acc.data() + i * D, acc.data() + i * D, D);
           }
         }
-        blas::gemm(false, false, qs.len, D, ks.len, T(1), s, ks.len, V + k0 * D, D, T(1), acc.data(), D);
+        g.add_pv(scratch, kvh, qs, ks, s, acc.data());
       }
 
       T* O = out_data + (bh * T_len + qs.start) * D;
@@ -181,35 +330,19 @@ void forward_typed(const AttentionParams& p, const at::Tensor& q, const at::Tens
   });
 }
 
-template <typename T>
-void backward_typed(const AttentionParams& p, const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
-                    const at::Tensor& v, const at::Tensor& lse, const at::Tensor& delta,
-                    const at::Tensor& segment_ids, const at::Tensor& grad_q, const at::Tensor& grad_k_per_head,
-                    const at::Tensor& grad_v_per_head) {
+template <typename Gemms, typename T = typename Gemms::acc_t>
+void backward_loop(const AttentionParams& p, const Gemms& g, const T* lse_data, const T* delta_data,
+                   const int64_t* seg_data, T* gq_data, T* gk_data, T* gv_data) {
   using Vec = at::vec::Vectorized<T>;
   const int64_t T_len = p.q_len, S = p.kv_len, D = p.head_dim;
-  const T scale = static_cast<T>(p.scale);
-  const T* q_data = q.const_data_ptr<T>();
-  const T* k_data = k.const_data_ptr<T>();
-  const T* v_data = v.const_data_ptr<T>();
-  const T* go_data = grad_out.const_data_ptr<T>();
-  const T* lse_data = lse.const_data_ptr<T>();
-  const T* delta_data = delta.const_data_ptr<T>();
-  const int64_t* seg_data = p.has_segments ? segment_ids.const_data_ptr<int64_t>() : nullptr;
-  T* gq_data = grad_q.mutable_data_ptr<T>();
-  T* gk_data = grad_k_per_head.mutable_data_ptr<T>();
-  T* gv_data = grad_v_per_head.mutable_data_ptr<T>();
-
+  const Vec scale(static_cast<T>(p.scale));
   // One task per (b, query head): it owns grad_q[b, h] and the per-head grad_k/grad_v slices.
   parallel_tasks(p.batch * p.q_heads, [&](const auto& next_task) {
+    auto scratch = g.scratch();
     std::vector<T> probs(p.q_chunk * p.k_chunk), dprobs(p.q_chunk * p.k_chunk);
     for (int64_t bh; (bh = next_task()) >= 0;) {
       const int64_t b = bh / p.q_heads, h = bh % p.q_heads;
-      const int64_t kv_head = b * p.kv_heads + h / p.group();
-      const T* Q = q_data + bh * T_len * D;
-      const T* dO = go_data + bh * T_len * D;
-      const T* K = k_data + kv_head * S * D;
-      const T* V = v_data + kv_head * S * D;
+      const int64_t kvh = b * p.kv_heads + h / p.group();
       const T* L = lse_data + bh * T_len;
       const T* delta_row = delta_data + bh * T_len;
       const int64_t* seg = seg_data ? seg_data + b * S : nullptr;
@@ -219,6 +352,7 @@ void backward_typed(const AttentionParams& p, const at::Tensor& grad_out, const 
 
       for (int64_t k0 = 0; k0 < S; k0 += p.k_chunk) {
         const Span ks{k0, std::min(p.k_chunk, S - k0)};
+        g.begin_key_block(scratch, ks);
         // Causal: the first query that sees key k0 is at kv_offset + i >= k0.
         const int64_t first_q = p.causal ? std::max<int64_t>(0, k0 - p.kv_offset) : 0;
         for (int64_t q0 = first_q / p.q_chunk * p.q_chunk; q0 < T_len; q0 += p.q_chunk) {
@@ -227,44 +361,58 @@ void backward_typed(const AttentionParams& p, const at::Tensor& grad_out, const 
           if (mask == BlockMask::Skip) continue;
           T* P = probs.data();
           T* dP = dprobs.data();
-          blas::gemm(false, true, qs.len, ks.len, D, scale, Q + q0 * D, D, K + k0 * D, D, T(0), P, ks.len);
+          g.scores(scratch, bh, kvh, qs, ks, P);
           if (mask == BlockMask::Partial) apply_mask(p, seg, qs, ks, P);
-          for (int64_t i = 0; i < qs.len; ++i) {
+          for (int64_t i = 0; i < qs.len; ++i) {  // P = exp(S - lse)
             const T row_lse = L[q0 + i];
             T* row = P + i * ks.len;
             if (row_lse == kNegInf<T>) {
               std::fill(row, row + ks.len, T(0));
             } else {
               const Vec shift(row_lse);
-              at::vec::map([shift](Vec s) { return vexp(s - shift); }, row, row, ks.len);
+              at::vec::map([shift](Vec x) { return vexp(x - shift); }, row, row, ks.len);
             }
           }
-          // dV_j += P^T dO_i
-          blas::gemm(true, false, ks.len, D, qs.len, T(1), P, ks.len, dO + q0 * D, D, T(1), dV + k0 * D, D);
-          // dP = dO_i V_j^T, then dS = P * (dP - delta_i), in place of dP
-          blas::gemm(false, true, qs.len, ks.len, D, T(1), dO + q0 * D, D, V + k0 * D, D, T(0), dP, ks.len);
-          for (int64_t i = 0; i < qs.len; ++i) {
+          g.add_dv(scratch, bh, qs, ks, P, dV + k0 * D);
+          g.dp(scratch, bh, kvh, qs, ks, dP);
+          for (int64_t i = 0; i < qs.len; ++i) {  // dS = scale * P * (dP - delta), in place of dP
             const Vec d(delta_row[q0 + i]);
-            at::vec::map2([d](Vec pv, Vec dpv) { return pv * (dpv - d); }, dP + i * ks.len, P + i * ks.len,
-                          dP + i * ks.len, ks.len);
+            at::vec::map2([d, scale](Vec pv, Vec dpv) { return pv * (dpv - d) * scale; }, dP + i * ks.len,
+                          P + i * ks.len, dP + i * ks.len, ks.len);
           }
-          // dQ_i += scale * dS K_j ; dK_j += scale * dS^T Q_i
-          blas::gemm(false, false, qs.len, D, ks.len, scale, dP, ks.len, K + k0 * D, D, T(1), dQ + q0 * D, D);
-          blas::gemm(true, false, ks.len, D, qs.len, scale, dP, ks.len, Q + q0 * D, D, T(1), dK + k0 * D, D);
+          g.add_dq(scratch, kvh, qs, ks, dP, dQ + q0 * D);
+          g.add_dk(scratch, bh, qs, ks, dP, dK + k0 * D);
         }
+        g.end_key_block(scratch, ks, dK + k0 * D, dV + k0 * D);
       }
     }
   });
+}
+
+const uint16_t* bf16_bits(const at::Tensor& t) {
+  return t.defined() ? reinterpret_cast<const uint16_t*>(t.const_data_ptr<at::BFloat16>()) : nullptr;
 }
 
 }  // namespace
 
 void attention_forward(const AttentionParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                        const at::Tensor& segment_ids, const at::Tensor& out, const at::Tensor& lse) {
-  if (q.scalar_type() == at::kDouble) {
-    forward_typed<double>(p, q, k, v, segment_ids, out, lse);
-  } else {
-    forward_typed<float>(p, q, k, v, segment_ids, out, lse);
+  const int64_t* seg = p.has_segments ? segment_ids.const_data_ptr<int64_t>() : nullptr;
+  switch (q.scalar_type()) {
+    case at::kBFloat16: {
+      const Bf16Gemms g(p, bf16_bits(q), bf16_bits(k), bf16_bits(v), nullptr, nullptr, nullptr);
+      return forward_loop(p, g, seg, out.mutable_data_ptr<float>(), lse.mutable_data_ptr<float>());
+    }
+    case at::kDouble: {
+      const BlasGemms<double> g{p, q.const_data_ptr<double>(), k.const_data_ptr<double>(), v.const_data_ptr<double>(),
+                                nullptr};
+      return forward_loop(p, g, seg, out.mutable_data_ptr<double>(), lse.mutable_data_ptr<double>());
+    }
+    default: {
+      const BlasGemms<float> g{p, q.const_data_ptr<float>(), k.const_data_ptr<float>(), v.const_data_ptr<float>(),
+                               nullptr};
+      return forward_loop(p, g, seg, out.mutable_data_ptr<float>(), lse.mutable_data_ptr<float>());
+    }
   }
 }
 
@@ -272,10 +420,28 @@ void attention_backward(const AttentionParams& p, const at::Tensor& grad_out, co
                         const at::Tensor& k, const at::Tensor& v, const at::Tensor& lse, const at::Tensor& delta,
                         const at::Tensor& segment_ids, const at::Tensor& grad_q, const at::Tensor& grad_k_per_head,
                         const at::Tensor& grad_v_per_head) {
-  if (q.scalar_type() == at::kDouble) {
-    backward_typed<double>(p, grad_out, q, k, v, lse, delta, segment_ids, grad_q, grad_k_per_head, grad_v_per_head);
-  } else {
-    backward_typed<float>(p, grad_out, q, k, v, lse, delta, segment_ids, grad_q, grad_k_per_head, grad_v_per_head);
+  const int64_t* seg = p.has_segments ? segment_ids.const_data_ptr<int64_t>() : nullptr;
+  auto run = [&](const auto& g, auto* type_tag) {
+    using T = std::remove_pointer_t<decltype(type_tag)>;
+    backward_loop(p, g, lse.const_data_ptr<T>(), delta.const_data_ptr<T>(), seg, grad_q.mutable_data_ptr<T>(),
+                  grad_k_per_head.mutable_data_ptr<T>(), grad_v_per_head.mutable_data_ptr<T>());
+  };
+  switch (q.scalar_type()) {
+    case at::kBFloat16: {
+      // Transposed copies feed dK^T += Q^T dS and dV^T += dO^T P as row-major A operands.
+      const at::Tensor q_t = q.transpose(2, 3).contiguous(), grad_out_t = grad_out.transpose(2, 3).contiguous();
+      const Bf16Gemms g(p, bf16_bits(q), bf16_bits(k), bf16_bits(v), bf16_bits(grad_out), bf16_bits(q_t),
+                        bf16_bits(grad_out_t));
+      return run(g, static_cast<float*>(nullptr));
+    }
+    case at::kDouble:
+      return run(BlasGemms<double>{p, q.const_data_ptr<double>(), k.const_data_ptr<double>(),
+                                   v.const_data_ptr<double>(), grad_out.const_data_ptr<double>()},
+                 static_cast<double*>(nullptr));
+    default:
+      return run(BlasGemms<float>{p, q.const_data_ptr<float>(), k.const_data_ptr<float>(), v.const_data_ptr<float>(),
+                                  grad_out.const_data_ptr<float>()},
+                 static_cast<float*>(nullptr));
   }
 }
 
