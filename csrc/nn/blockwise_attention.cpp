@@ -1,5 +1,6 @@
 #include "csrc/nn/blockwise_attention.h"
 
+#include "csrc/ops/checks.h"
 #include "csrc/ops/ops.h"
 
 namespace bpt::nn {
@@ -9,9 +10,8 @@ BlockwiseAttentionImpl::BlockwiseAttentionImpl(const BlockwiseAttentionOptions& 
 }
 
 void BlockwiseAttentionImpl::reset() {
-  for (const auto& [name, chunk] : {std::pair{"q_chunk", options.q_chunk()}, {"k_chunk", options.k_chunk()}}) {
-    TORCH_CHECK(chunk == -1 || chunk >= 1, "BlockwiseAttention: ", name, " must be positive or -1, got ", chunk);
-  }
+  ops::check_chunk("BlockwiseAttention", "q_chunk", options.q_chunk());
+  ops::check_chunk("BlockwiseAttention", "k_chunk", options.k_chunk());
 }
 
 void BlockwiseAttentionImpl::pretty_print(std::ostream& stream) const {

@@ -1,5 +1,6 @@
 #include "csrc/nn/blockwise_feed_forward.h"
 
+#include "csrc/ops/checks.h"
 #include "csrc/ops/ops.h"
 
 namespace bpt::nn {
@@ -12,8 +13,7 @@ BlockwiseFeedForwardImpl::BlockwiseFeedForwardImpl(const BlockwiseFeedForwardOpt
 void BlockwiseFeedForwardImpl::reset() {
   TORCH_CHECK(options.dim() > 0 && options.hidden_dim() > 0, "BlockwiseFeedForward: dim and hidden_dim must be "
               "positive, got ", options.dim(), " and ", options.hidden_dim());
-  TORCH_CHECK(options.chunk() == -1 || options.chunk() >= 1, "BlockwiseFeedForward: chunk must be positive or -1, got ",
-              options.chunk());
+  ops::check_chunk("BlockwiseFeedForward", "chunk", options.chunk());
   const auto linear = [](int64_t in, int64_t out) { return torch::nn::LinearOptions(in, out).bias(false); };
   gate_proj = register_module("gate_proj", torch::nn::Linear(linear(options.dim(), options.hidden_dim())));
   up_proj = register_module("up_proj", torch::nn::Linear(linear(options.dim(), options.hidden_dim())));

@@ -1,7 +1,8 @@
 #include "csrc/nn/chunked_lm_head_loss.h"
 
-#include <ATen/ATen.h>
+#include <ATen/ops/matmul.h>
 
+#include "csrc/ops/checks.h"
 #include "csrc/ops/ops.h"
 
 namespace bpt::nn {
@@ -13,8 +14,7 @@ ChunkedLMHeadLossImpl::ChunkedLMHeadLossImpl(const ChunkedLMHeadLossOptions& opt
 void ChunkedLMHeadLossImpl::reset() {
   TORCH_CHECK(options.dim() > 0 && options.vocab_size() > 0, "ChunkedLMHeadLoss: dim and vocab_size must be positive, "
               "got ", options.dim(), " and ", options.vocab_size());
-  TORCH_CHECK(options.chunk() == -1 || options.chunk() >= 1, "ChunkedLMHeadLoss: chunk must be positive or -1, got ",
-              options.chunk());
+  ops::check_chunk("ChunkedLMHeadLoss", "chunk", options.chunk());
   weight = register_parameter("weight", at::empty({options.vocab_size(), options.dim()}));
   reset_parameters();
 }

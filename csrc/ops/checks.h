@@ -5,6 +5,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/core/SymBool.h>
 
+#include <algorithm>
+
 namespace bpt::ops {
 
 inline bool is_float_dtype(at::ScalarType t) {
@@ -31,6 +33,27 @@ inline void check_same_device(const char* op, const char* name, const at::Tensor
 
 inline void check_dim(const char* op, const char* name, const at::Tensor& t, int64_t dim, const char* layout) {
   TORCH_CHECK(t.dim() == dim, op, ": ", name, " must be ", layout, " (", dim, "-D), got shape ", t.sym_sizes());
+}
+
+// A chunk (block) size: positive, or -1 for "no chunking" (llamabpt's convention).
+inline void check_chunk(const char* op, const char* name, int64_t chunk) {
+  TORCH_CHECK(chunk == -1 || chunk >= 1, op, ": ", name, " must be a positive block size or -1 (no chunking), got ",
+              chunk);
+}
+
+// The block length a chunk argument means for a sequence of `length`: -1 or a chunk past the
+// end is one block of everything; at least 1, so empty inputs still loop correctly.
+inline int64_t resolve_chunk(int64_t chunk, int64_t length) {
+  return std::max<int64_t>(1, chunk == -1 ? length : std::min(chunk, length));
+}
+
+// Accumulation dtype: fp64 for fp64, fp32 for everything else.
+inline at::ScalarType accumulate_type(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline bool is_reduced_float(const at::Tensor& t) {
+  return t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf;
 }
 
 inline void check_size(const char* op, const char* name, const c10::SymInt& got, const c10::SymInt& want,

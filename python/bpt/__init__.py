@@ -2,7 +2,7 @@
 
 Importing this package loads the C++ op library (libbpt_ops.so), after which the ops are
 available as ``torch.ops.bpt.<op>`` with autograd, fake (Meta) kernels for
-``torch.compile``, and the CPU kernels (CUDA ones when built with ``make build-cuda``).
+``torch.compile``, and the CPU kernels.
 
 The library is looked up in this order: the ``BPT_OPS_LIBRARY`` environment variable, this
 package's folder, then the repository's ``build/`` folder.

@@ -74,6 +74,9 @@ TEST_CASE("blockwise attention rejects bad arguments with a message naming them"
                       Catch::Contains("kv_offset + T"));
   REQUIRE_THROWS_WITH(bpt::ops::blockwise_attention(q, k2.to(at::kDouble), k2, true, 4, 4),
                       Catch::Contains("k must have the dtype of q"));
+  const at::Tensor no_heads = at::randn({1, 0, 8, 16});
+  REQUIRE_THROWS_WITH(bpt::ops::blockwise_attention(q, no_heads, no_heads, true, 4, 4),
+                      Catch::Contains("k must have at least one head"));
 }
 
 TEST_CASE("BlockwiseAttention module forwards its options to the op", "[attention][nn]") {
@@ -82,5 +85,5 @@ TEST_CASE("BlockwiseAttention module forwards its options to the op", "[attentio
   auto [ref_out, ref_lse] = naive_attention(q, k, v, true, at::Tensor(), 0);
   bpt::test::require_close(attention(q, k, v), ref_out, 1e-5, 1e-5);
   REQUIRE_THROWS_WITH(bpt::nn::BlockwiseAttention(bpt::nn::BlockwiseAttentionOptions().k_chunk(0)),
-                      Catch::Contains("k_chunk must be positive or -1"));
+                      Catch::Contains("k_chunk must be a positive block size or -1"));
 }

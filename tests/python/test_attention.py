@@ -120,6 +120,31 @@ def test_fp32_against_fp64_reference():
     check_against_reference(q, k, v, 2e-4, causal=True, q_chunk=32, k_chunk=16)
 
 
+def bf16_kernel_runs_here():
+    """The AVX512-BF16 path runs where ATen uses AVX-512 and the CPU has avx512_bf16."""
+    with open("/proc/cpuinfo") as f:
+        has_flag = "avx512_bf16" in f.read()
+    return has_flag and torch.backends.cpu.get_cpu_capability() == "AVX512"
+
+
+@pytest.mark.parametrize("D", [33, 80])
+def test_bf16_with_gqa_segments_and_kv_offset(D):
+    """The bf16 path with every option: odd and padded head dims, ragged blocks."""
+    S, T = 45, 30
+    q, k, v = inputs(2, 8, 2, T, S, D, torch.bfloat16)
+    seg = packed_segments(2, S, docs=3)
+    kw = dict(causal=True, q_chunk=16, k_chunk=9, segment_ids=seg, kv_offset=S - T)
+    out, lse = attn(q, k, v, **kw)
+    ref_out, ref_lse = reference.attention(q, k, v, causal=True, segment_ids=seg, kv_offset=S - T)
+    torch.testing.assert_close(out.double(), ref_out, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-3, atol=1e-3)
+    g = torch.randn_like(ref_out)
+    got = torch.autograd.grad((out.double() * g).sum(), (q, k, v))
+    want = torch.autograd.grad((ref_out * g).sum(), (q, k, v))
+    for a, b in zip(got, want):
+        assert (a.double() - b.double()).abs().max() <= 2e-2 * max(1.0, b.abs().max().item())
+
+
 def test_bf16_within_stated_tolerance():
     """bf16 inputs, fp32 math inside, output rounded to bf16: |err| <= 2e-2 on unit-scale data."""
     q, k, v = inputs(1, 4, 2, 64, 64, 64, torch.bfloat16)
@@ -199,12 +224,29 @@ def test_bad_arguments_name_the_problem(shapes, kw, message):
         attn(q, k, v, **args)
 
 
+def test_backward_checks_grad_lse_shape_in_eager_and_fake_mode():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def call():
+        q = torch.randn(1, 2, 4, 8)
+        out, lse = attn(q, q, q, causal=True, q_chunk=2, k_chunk=2)
+        torch.ops.bpt.blockwise_attention_backward(
+            torch.ones_like(out), torch.ones(4), q, q, q, out, lse, causal=True, q_chunk=2, k_chunk=2
+        )
+
+    with pytest.raises(RuntimeError, match="grad_lse must have lse's shape"):
+        call()
+    with pytest.raises(RuntimeError, match="grad_lse must have lse's shape"), FakeTensorMode():
+        call()
+
+
 def test_mixed_dtypes_are_rejected():
     q = torch.randn(1, 2, 4, 8)
     with pytest.raises(RuntimeError, match="k must have the dtype of q"):
         attn(q, q.double(), q, causal=True, q_chunk=2, k_chunk=2)
 
 
+@pytest.mark.skipif(not bf16_kernel_runs_here(), reason="no AVX512-BF16 here: only the fp32 path exists")
 def test_bf16_kernel_agrees_with_the_fp32_fallback(tmp_path):
     """bf16 runs on AVX512-BF16 GEMMs where the CPU has them and in fp32 otherwise
     (ATEN_CPU_CAPABILITY=avx2 forces the latter): both paths agree within bf16 rounding."""

@@ -71,10 +71,19 @@ def test_torch_compile_backward():
         ((4, 8), [(12, 7), (12, 8), (8, 12)], 2, r"w_gate.size\(1\) must be 8"),
         ((4, 8), [(12, 8), (11, 8), (8, 12)], 2, "w_up must have w_gate's shape"),
         ((4, 8), [(12, 8), (12, 8), (12, 8)], 2, r"w_down must be \[D, F\] = \[8, 12\]"),
-        ((4, 8), [(12, 8), (12, 8), (8, 12)], 0, "chunk must be a positive number of tokens or -1"),
+        ((4, 8), [(12, 8), (12, 8), (8, 12)], 0, "chunk must be a positive block size or -1"),
         ((4, 8), [(12, 8), (12,), (8, 12)], 2, r"w_up must be \[F, D\]"),
     ],
 )
 def test_bad_arguments_name_the_problem(x_shape, shapes, chunk, message):
     with pytest.raises(RuntimeError, match=message):
         ffn(torch.randn(x_shape), *(torch.randn(s) for s in shapes), chunk=chunk)
+
+
+def test_zero_model_dim_and_mismatched_grad_are_rejected():
+    with pytest.raises(RuntimeError, match="D > 0"):
+        ffn(torch.randn(4, 0), torch.randn(3, 0), torch.randn(3, 0), torch.randn(0, 3), chunk=2)
+    x = torch.randn(4, 8)
+    w = weights(8, 12, torch.float32)
+    with pytest.raises(RuntimeError, match="grad_out must have x's shape"):
+        torch.ops.bpt.blockwise_ffn_backward(torch.randn(4, 7), x, *w, chunk=2)

@@ -104,9 +104,29 @@ def test_bad_arguments_name_the_problem():
         loss_op(h, w, t[:3], chunk=2)
     with pytest.raises(RuntimeError, match="targets must be int64 or int32"):
         loss_op(h, w, t.float(), chunk=2)
-    with pytest.raises(RuntimeError, match="chunk must be a positive number of tokens or -1"):
+    with pytest.raises(RuntimeError, match="chunk must be a positive block size or -1"):
         loss_op(h, w, t, chunk=0)
     bad = t.clone()
     bad[2] = 10
     with pytest.raises(RuntimeError, match=r"targets\[2\] = 10 is outside the vocabulary \[0, 10\)"):
         loss_op(h, w, bad, chunk=2)
+
+
+def test_ignore_index_outside_the_vocabulary():
+    """An ignore_index at or past V (e.g. a pad id the head lacks) masks those rows."""
+    h, w, t = problem(N=12, D=8, V=20, pad=0)
+    t[[1, 5, 6]] = 20
+    loss, n, _ = loss_op(h, w, t, chunk=5, ignore_index=20)
+    ref, ref_n, _ = reference.lm_loss(h, w, t, ignore_index=20)
+    torch.testing.assert_close(loss, ref)
+    assert n.item() == ref_n == 9
+    got = torch.autograd.grad(loss, (h, w))
+    want = torch.autograd.grad(ref, (h, w))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+def test_backward_rejects_a_non_scalar_grad_loss():
+    h, w, t = problem(N=4, D=8, V=10, dtype=torch.float32, pad=0)
+    with pytest.raises(RuntimeError, match="grad_loss must be a scalar"):
+        torch.ops.bpt.chunked_lm_loss_backward(torch.ones(2), h, w, t, chunk=2)

@@ -18,11 +18,6 @@ namespace {
 
 constexpr const char* kOp = "bpt::blockwise_attention";
 
-void check_chunk(const char* name, int64_t chunk) {
-  TORCH_CHECK(chunk == -1 || chunk >= 1, kOp, ": ", name, " must be a positive block size or -1 (no chunking), got ",
-              chunk);
-}
-
 // Every check on shapes, dtypes and options; symbolic-shape safe, so the Meta kernel runs it.
 void check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t q_chunk, int64_t k_chunk,
                 const std::optional<at::Tensor>& segment_ids, std::optional<double> scale, int64_t kv_offset) {
@@ -38,12 +33,15 @@ void check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, i
   }
   check_size(kOp, "v.size(1)", v.sym_size(1), k.sym_size(1), "k's number of heads Hkv");
   check_size(kOp, "v.size(2)", v.sym_size(2), k.sym_size(2), "k's length S");
-  TORCH_SYM_CHECK(k.sym_size(1).sym_gt(0) & (q.sym_size(1) % k.sym_size(1)).sym_eq(0), kOp,
-                  ": q's heads Hq = ", q.sym_size(1), " must be a multiple of k's heads Hkv = ", k.sym_size(1));
-  check_chunk("q_chunk", q_chunk);
-  check_chunk("k_chunk", k_chunk);
+  // Two checks: the modulo must not run on Hkv = 0.
+  TORCH_SYM_CHECK(k.sym_size(1).sym_gt(0), kOp, ": k must have at least one head, got shape ", k.sym_sizes());
+  TORCH_SYM_CHECK((q.sym_size(1) % k.sym_size(1)).sym_eq(0), kOp, ": q's heads Hq = ", q.sym_size(1),
+                  " must be a multiple of k's heads Hkv = ", k.sym_size(1));
+  check_chunk(kOp, "q_chunk", q_chunk);
+  check_chunk(kOp, "k_chunk", k_chunk);
   TORCH_CHECK(kv_offset >= 0, kOp, ": kv_offset must be >= 0, got ", kv_offset);
-  TORCH_SYM_CHECK((q.sym_size(2) + kv_offset).sym_le(k.sym_size(2)), kOp, ": kv_offset + T = ", kv_offset, " + ",
+  // Written as kv_offset <= S - T: kv_offset + T could overflow.
+  TORCH_SYM_CHECK((k.sym_size(2) - q.sym_size(2)).sym_ge(kv_offset), kOp, ": kv_offset + T = ", kv_offset, " + ",
                   q.sym_size(2), " must be <= S = ", k.sym_size(2), " (queries are the last positions of the keys)");
   if (scale.has_value()) {
     TORCH_CHECK(std::isfinite(*scale) && *scale != 0, kOp, ": scale must be finite and non-zero, got ", *scale);
@@ -59,12 +57,27 @@ void check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, i
   }
 }
 
-at::ScalarType opmath_of(const at::Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+// The tensors the backward receives besides the forward's inputs: shapes and dtypes.
+void check_backward_args(const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q,
+                         const at::Tensor& out, const at::Tensor& lse) {
+  const std::string op = std::string(kOp) + "_backward";
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"grad_out", grad_out}, {"out", out}}) {
+    TORCH_CHECK(t.sym_sizes() == q.sym_sizes(), op, ": ", name, " must have q's shape ", q.sym_sizes(), ", got ",
+                t.sym_sizes());
+    check_same_dtype(op.c_str(), name, t, q, "q");
+  }
+  TORCH_CHECK(lse.sym_sizes() == q.sym_sizes().slice(0, 3), op, ": lse must be [B, Hq, T] = ",
+              q.sym_sizes().slice(0, 3), ", got ", lse.sym_sizes());
+  if (grad_lse.has_value() && grad_lse->defined()) {
+    TORCH_CHECK(grad_lse->sym_sizes() == lse.sym_sizes(), op, ": grad_lse must have lse's shape ", lse.sym_sizes(),
+                ", got ", grad_lse->sym_sizes());
+  }
+}
 
 // The dtype the kernel's GEMMs read: bf16 stays bf16 where the CPU has bf16 dot products
 // (ATEN_CPU_CAPABILITY below avx512 turns that off), everything else computes in opmath.
 at::ScalarType compute_type_of(const at::Tensor& t) {
-  return t.scalar_type() == at::kBFloat16 && cpu::bf16_gemm_available() ? at::kBFloat16 : opmath_of(t);
+  return t.scalar_type() == at::kBFloat16 && cpu::bf16_gemm_available() ? at::kBFloat16 : accumulate_type(t);
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -72,7 +85,7 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::
                                                  const std::optional<at::Tensor>& segment_ids,
                                                  std::optional<double> scale, int64_t kv_offset) {
   const AttentionParams p = make_attention_params(q, k, v, causal, q_chunk, k_chunk, segment_ids, scale, kv_offset);
-  const auto opmath = opmath_of(q);
+  const auto opmath = accumulate_type(q);
   const auto opts = q.options().dtype(opmath);
   at::Tensor out = at::empty({p.batch, p.q_heads, p.q_len, p.head_dim}, opts);
   at::Tensor lse = at::empty({p.batch, p.q_heads, p.q_len}, opts);
@@ -88,12 +101,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, bool causal, int64_t q_chunk, int64_t k_chunk,
     const std::optional<at::Tensor>& segment_ids, std::optional<double> scale, int64_t kv_offset) {
   const AttentionParams p = make_attention_params(q, k, v, causal, q_chunk, k_chunk, segment_ids, scale, kv_offset);
-  TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(), kOp,
-              "_backward: grad_out and out must have q's shape ", q.sizes(), ", got ", grad_out.sizes(), " and ",
-              out.sizes());
-  TORCH_CHECK(lse.sizes() == q.sizes().slice(0, 3), kOp, "_backward: lse must be [B, Hq, T] = ",
-              q.sizes().slice(0, 3), ", got ", lse.sizes());
-  const auto opmath = opmath_of(q), compute = compute_type_of(q);
+  check_backward_args(grad_out, grad_lse, q, out, lse);
+  const auto opmath = accumulate_type(q), compute = compute_type_of(q);
   // delta_i = sum_d dO_id O_id - dL/dlse_i: the softmax backward's row term, folded with lse's own gradient.
   at::Tensor delta = (grad_out.to(opmath) * out.to(opmath)).sum(-1);
   if (grad_lse.has_value() && grad_lse->defined()) delta = delta - grad_lse->to(opmath);
@@ -118,7 +127,7 @@ std::tuple<at::Tensor, at::Tensor> attention_meta(const at::Tensor& q, const at:
                                                   std::optional<double> scale, int64_t kv_offset) {
   check_args(q, k, v, q_chunk, k_chunk, segment_ids, scale, kv_offset);
   return {at::empty_symint(q.sym_sizes(), q.options()),
-          at::empty_symint(q.sym_sizes().slice(0, 3), q.options().dtype(opmath_of(q)))};
+          at::empty_symint(q.sym_sizes().slice(0, 3), q.options().dtype(accumulate_type(q)))};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_meta(
@@ -126,6 +135,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_meta(
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, bool causal, int64_t q_chunk, int64_t k_chunk,
     const std::optional<at::Tensor>& segment_ids, std::optional<double> scale, int64_t kv_offset) {
   check_args(q, k, v, q_chunk, k_chunk, segment_ids, scale, kv_offset);
+  check_backward_args(grad_out, grad_lse, q, out, lse);
   return {at::empty_symint(q.sym_sizes(), q.options()), at::empty_symint(k.sym_sizes(), k.options()),
           at::empty_symint(v.sym_sizes(), v.options())};
 }
@@ -188,9 +198,8 @@ AttentionParams make_attention_params(const at::Tensor& q, const at::Tensor& k, 
   p.kv_len = k.size(2);
   p.head_dim = q.size(3);
   p.causal = causal;
-  // -1, or a chunk longer than the sequence, means one block; at least 1 for empty inputs.
-  p.q_chunk = std::max<int64_t>(1, q_chunk == -1 ? p.q_len : std::min(q_chunk, p.q_len));
-  p.k_chunk = std::max<int64_t>(1, k_chunk == -1 ? p.kv_len : std::min(k_chunk, p.kv_len));
+  p.q_chunk = resolve_chunk(q_chunk, p.q_len);
+  p.k_chunk = resolve_chunk(k_chunk, p.kv_len);
   p.scale = scale.value_or(p.head_dim > 0 ? 1.0 / std::sqrt(static_cast<double>(p.head_dim)) : 1.0);
   p.kv_offset = kv_offset;
   p.has_segments = segment_ids.has_value();

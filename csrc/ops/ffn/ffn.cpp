@@ -8,7 +8,11 @@
 // Only one chunk's [chunk, F] intermediates exist at a time, in forward and in backward
 // (which recomputes them); weight gradients accumulate across chunks (in fp32 for bf16/fp16).
 
-#include <ATen/ATen.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/sigmoid.h>
+#include <ATen/ops/silu.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/empty.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -23,7 +27,7 @@ constexpr const char* kOp = "bpt::blockwise_ffn";
 void check_args(const at::Tensor& x, const at::Tensor& w_gate, const at::Tensor& w_up, const at::Tensor& w_down,
                 int64_t chunk) {
   check_float(kOp, "x", x);
-  TORCH_CHECK(x.dim() >= 1, kOp, ": x must be [..., D], got a scalar");
+  TORCH_CHECK(x.dim() >= 1 && x.sym_size(-1) != 0, kOp, ": x must be [..., D] with D > 0, got shape ", x.sym_sizes());
   for (const auto& [name, w] : {std::pair<const char*, const at::Tensor&>{"w_gate", w_gate}, {"w_up", w_up},
                                 {"w_down", w_down}}) {
     check_float(kOp, name, w);
@@ -37,11 +41,14 @@ void check_args(const at::Tensor& x, const at::Tensor& w_gate, const at::Tensor&
   TORCH_SYM_CHECK(w_down.sym_size(0).sym_eq(w_gate.sym_size(1)) & w_down.sym_size(1).sym_eq(w_gate.sym_size(0)),
                   kOp, ": w_down must be [D, F] = [", w_gate.sym_size(1), ", ", w_gate.sym_size(0), "], got ",
                   w_down.sym_sizes());
-  TORCH_CHECK(chunk == -1 || chunk >= 1, kOp, ": chunk must be a positive number of tokens or -1 (no chunking), got ",
-              chunk);
+  check_chunk(kOp, "chunk", chunk);
 }
 
-int64_t resolve_chunk(int64_t chunk, int64_t n) { return std::max<int64_t>(1, chunk == -1 ? n : std::min(chunk, n)); }
+void check_grad_out(const at::Tensor& grad_out, const at::Tensor& x) {
+  TORCH_CHECK(grad_out.sym_sizes() == x.sym_sizes(), kOp, "_backward: grad_out must have x's shape ", x.sym_sizes(),
+              ", got ", grad_out.sym_sizes());
+  check_same_dtype(kOp, "grad_out", grad_out, x, "x");
+}
 
 at::Tensor ffn_impl(const at::Tensor& x, const at::Tensor& w_gate, const at::Tensor& w_up, const at::Tensor& w_down,
                     int64_t chunk) {
@@ -62,43 +69,45 @@ at::Tensor ffn_impl(const at::Tensor& x, const at::Tensor& w_gate, const at::Ten
 // With s = silu(g), a = s * u and dy the output gradient of a chunk:
 //   da = dy w_down, du = da * s, dg = da * u * silu'(g), silu'(g) = sig(g) (1 + g (1 - sig(g)))
 //   dx = dg w_gate + du w_up; dw_down += dy^T a, dw_gate += dg^T x, dw_up += du^T x
+// GEMMs run in x's dtype; the elementwise part and the weight-gradient sums in fp32 (fp64).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ffn_backward_impl(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w_gate, const at::Tensor& w_up,
     const at::Tensor& w_down, int64_t chunk) {
   check_args(x, w_gate, w_up, w_down, chunk);
-  TORCH_CHECK(grad_out.sizes() == x.sizes(), kOp, "_backward: grad_out must have x's shape ", x.sizes(), ", got ",
-              grad_out.sizes());
+  check_grad_out(grad_out, x);
   const int64_t D = x.size(-1);
   const at::Tensor x2 = x.reshape({-1, D}), gy2 = grad_out.reshape({-1, D});
   const int64_t N = x2.size(0), step = resolve_chunk(chunk, N);
-  const bool reduced = x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf;
-  const auto acc_opts = w_gate.options().dtype(reduced ? at::kFloat : x.scalar_type());
+  const auto dtype = x.scalar_type(), acc = accumulate_type(x);
+  const bool reduced = is_reduced_float(x);
+  const auto acc_opts = w_gate.options().dtype(acc);
   at::Tensor dw_gate = at::zeros(w_gate.sizes(), acc_opts), dw_up = at::zeros(w_up.sizes(), acc_opts);
   at::Tensor dw_down = at::zeros(w_down.sizes(), acc_opts);
   at::Tensor dx = at::empty({N, D}, x.options());
-  // Adds a chunk's weight gradient a^T b: in place for fp32/fp64, through an fp32 sum otherwise.
-  auto accumulate = [reduced](at::Tensor& acc, const at::Tensor& a, const at::Tensor& b) {
+  // Adds a chunk's weight gradient a^T b: in place for fp32/fp64; bf16/fp16 GEMMs round the
+  // chunk's product once before the fp32 sum.
+  auto accumulate = [reduced](at::Tensor& sum, const at::Tensor& a, const at::Tensor& b) {
     if (reduced) {
-      acc.add_(at::mm(a.t(), b));
+      sum.add_(at::mm(a.t(), b));
     } else {
-      acc.addmm_(a.t(), b);
+      sum.addmm_(a.t(), b);
     }
   };
   for (int64_t start = 0; start < N; start += step) {
     const int64_t len = std::min(step, N - start);
     const at::Tensor xc = x2.narrow(0, start, len), dy = gy2.narrow(0, start, len);
-    const at::Tensor g = at::mm(xc, w_gate.t()), u = at::mm(xc, w_up.t());
-    const at::Tensor sig = at::sigmoid(g);
-    const at::Tensor s = g * sig;
-    accumulate(dw_down, dy, s * u);
-    const at::Tensor da = at::mm(dy, w_down);
-    const at::Tensor du = da * s;
-    const at::Tensor dg = da.mul_(u).mul_(sig * (1 + g * (1 - sig)));
+    const at::Tensor gate = at::mm(xc, w_gate.t()).to(acc), up = at::mm(xc, w_up.t()).to(acc);
+    const at::Tensor sig = at::sigmoid(gate);
+    const at::Tensor silu = gate * sig;
+    accumulate(dw_down, dy, (silu * up).to(dtype));
+    const at::Tensor da = at::mm(dy, w_down).to(acc);
+    const at::Tensor d_up = (da * silu).to(dtype);
+    const at::Tensor d_gate = da.mul_(up).mul_(sig * (1 + gate * (1 - sig))).to(dtype);
     at::Tensor dx_chunk = dx.narrow(0, start, len);
-    at::mm_out(dx_chunk, dg, w_gate);
-    dx_chunk.addmm_(du, w_up);
-    accumulate(dw_gate, dg, xc);
-    accumulate(dw_up, du, xc);
+    at::mm_out(dx_chunk, d_gate, w_gate);
+    dx_chunk.addmm_(d_up, w_up);
+    accumulate(dw_gate, d_gate, xc);
+    accumulate(dw_up, d_up, xc);
   }
   const auto wt = w_gate.scalar_type();
   return {dx.view(x.sizes()), dw_gate.to(wt), dw_up.to(wt), dw_down.to(wt)};
@@ -114,6 +123,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ffn_backward_meta(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w_gate, const at::Tensor& w_up,
     const at::Tensor& w_down, int64_t chunk) {
   check_args(x, w_gate, w_up, w_down, chunk);
+  check_grad_out(grad_out, x);
   return {at::empty_symint(x.sym_sizes(), x.options()), at::empty_symint(w_gate.sym_sizes(), w_gate.options()),
           at::empty_symint(w_up.sym_sizes(), w_up.options()), at::empty_symint(w_down.sym_sizes(), w_down.options())};
 }

@@ -7,7 +7,7 @@
 //   loss = (sum_valid (lse - logit[target]) + z_loss * sum_valid lse^2) / n_valid
 // The backward recomputes each chunk's logits: dlogits = softmax * (1 + 2 z_loss lse) - onehot.
 
-#include <ATen/ATen.h>
+#include <ATen/ATen.h>  // mm, logsumexp, gather, scatter_add, where, ...
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -22,7 +22,8 @@ constexpr const char* kOp = "bpt::chunked_lm_loss";
 void check_args(const at::Tensor& h, const at::Tensor& w_head, const at::Tensor& targets, int64_t chunk,
                 double z_loss) {
   check_float(kOp, "h", h);
-  TORCH_CHECK(h.dim() >= 2, kOp, ": h must be [N, D] or [B, T, D], got shape ", h.sym_sizes());
+  TORCH_CHECK(h.dim() >= 2 && h.sym_size(-1) != 0, kOp, ": h must be [N, D] or [B, T, D] with D > 0, got shape ",
+              h.sym_sizes());
   check_float(kOp, "w_head", w_head);
   check_dim(kOp, "w_head", w_head, 2, "[V, D]");
   check_same_dtype(kOp, "w_head", w_head, h, "h");
@@ -34,66 +35,70 @@ void check_args(const at::Tensor& h, const at::Tensor& w_head, const at::Tensor&
   TORCH_CHECK(targets.sym_sizes() == h.sym_sizes().slice(0, h.dim() - 1), kOp,
               ": targets must have h's shape without its last dim, ", h.sym_sizes().slice(0, h.dim() - 1), ", got ",
               targets.sym_sizes());
-  TORCH_CHECK(chunk == -1 || chunk >= 1, kOp, ": chunk must be a positive number of tokens or -1 (no chunking), got ",
-              chunk);
+  check_chunk(kOp, "chunk", chunk);
   TORCH_CHECK(z_loss >= 0, kOp, ": z_loss must be >= 0, got ", z_loss);
 }
 
-struct Flat {
-  at::Tensor h, targets, valid;
+void check_grad_loss(const at::Tensor& grad_loss) {
+  TORCH_CHECK(grad_loss.dim() == 0, kOp, "_backward: grad_loss must be a scalar, got shape ", grad_loss.sym_sizes());
+}
+
+// The inputs as rows: h [N, D], targets [N] int64, valid [N] (targets != ignore_index) and
+// safe_targets [N] (ignored rows pointed at class 0, so gathers stay in range whatever
+// ignore_index is).
+struct Rows {
+  at::Tensor h, targets, valid, safe_targets;
   int64_t n, step;
 };
 
-// h as [N, D], targets as [N] int64 with their validity mask; checks targets against V.
-Flat flatten(const at::Tensor& h, const at::Tensor& w_head, const at::Tensor& targets, int64_t chunk,
-             int64_t ignore_index) {
-  Flat f;
-  f.h = h.reshape({-1, h.size(-1)});
-  f.targets = targets.reshape({-1}).to(at::kLong);
-  f.valid = f.targets != ignore_index;
-  f.n = f.h.size(0);
-  f.step = std::max<int64_t>(1, chunk == -1 ? f.n : std::min(chunk, f.n));
-  const int64_t V = w_head.size(0);
-  const at::Tensor bad = f.valid & ((f.targets < 0) | (f.targets >= V));
-  if (bad.any().item<bool>()) {
-    const int64_t i = bad.nonzero()[0][0].item<int64_t>();
-    TORCH_CHECK(false, kOp, ": targets[", i, "] = ", f.targets[i].item<int64_t>(), " is outside the vocabulary [0, ",
-                V, ") and is not ignore_index (", ignore_index, ")");
-  }
-  return f;
+Rows as_rows(const at::Tensor& h, const at::Tensor& targets, int64_t chunk, int64_t ignore_index) {
+  Rows r;
+  r.h = h.reshape({-1, h.size(-1)});
+  r.targets = targets.reshape({-1}).to(at::kLong);
+  r.valid = r.targets != ignore_index;
+  r.safe_targets = at::where(r.valid, r.targets, 0);
+  r.n = r.h.size(0);
+  r.step = resolve_chunk(chunk, r.n);
+  return r;
 }
 
-bool is_reduced(const at::Tensor& t) { return t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf; }
-
-// Sums and statistics are kept in fp32, or fp64 for fp64 input.
-at::ScalarType accumulate_type(const at::Tensor& h) { return h.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+// Every counted target must name a class of the head (one host sync, forward only).
+void check_targets(const Rows& r, int64_t vocab, int64_t ignore_index) {
+  const at::Tensor bad = r.valid & ((r.targets < 0) | (r.targets >= vocab));
+  if (bad.any().item<bool>()) {
+    const int64_t i = bad.nonzero()[0][0].item<int64_t>();
+    TORCH_CHECK(false, kOp, ": targets[", i, "] = ", r.targets[i].item<int64_t>(), " is outside the vocabulary [0, ",
+                vocab, ") and is not ignore_index (", ignore_index, ")");
+  }
+}
 
 // One chunk's logits [len, V]: the GEMM runs in h's dtype; float32_logits lifts bf16/fp16
 // logits to fp32 before the softmax (llamabpt's flag), otherwise they stay as computed.
 at::Tensor chunk_logits(const at::Tensor& hc, const at::Tensor& w_head, bool float32_logits) {
   at::Tensor logits = at::mm(hc, w_head.t());
-  return float32_logits && is_reduced(logits) ? logits.to(at::kFloat) : logits;
+  return float32_logits && is_reduced_float(logits) ? logits.to(at::kFloat) : logits;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_impl(const at::Tensor& h, const at::Tensor& w_head,
                                                          const at::Tensor& targets, int64_t chunk,
                                                          int64_t ignore_index, double z_loss, bool float32_logits) {
   check_args(h, w_head, targets, chunk, z_loss);
-  const Flat f = flatten(h, w_head, targets, chunk, ignore_index);
+  const Rows rows = as_rows(h, targets, chunk, ignore_index);
+  check_targets(rows, w_head.size(0), ignore_index);
   const auto acc = accumulate_type(h);
   at::Tensor ce_sum = at::zeros({}, h.options().dtype(acc)), z_sum = at::zeros({}, h.options().dtype(acc));
   at::Tensor n_correct = at::zeros({}, h.options().dtype(at::kLong));
-  for (int64_t start = 0; start < f.n; start += f.step) {
-    const int64_t len = std::min(f.step, f.n - start);
-    const at::Tensor logits = chunk_logits(f.h.narrow(0, start, len), w_head, float32_logits);
-    const at::Tensor t = f.targets.narrow(0, start, len), valid = f.valid.narrow(0, start, len);
+  for (int64_t start = 0; start < rows.n; start += rows.step) {
+    const int64_t len = std::min(rows.step, rows.n - start);
+    const at::Tensor logits = chunk_logits(rows.h.narrow(0, start, len), w_head, float32_logits);
+    const at::Tensor t = rows.safe_targets.narrow(0, start, len), valid = rows.valid.narrow(0, start, len);
     const at::Tensor lse = at::logsumexp(logits, {1}).to(acc);
-    const at::Tensor target_logit = logits.gather(1, t.clamp_min(0).unsqueeze(1)).squeeze(1).to(acc);
+    const at::Tensor target_logit = logits.gather(1, t.unsqueeze(1)).squeeze(1).to(acc);
     ce_sum.add_(at::where(valid, lse - target_logit, 0).sum());
     if (z_loss > 0) z_sum.add_(at::where(valid, lse * lse, 0).sum());
     n_correct.add_((logits.argmax(1) == t).logical_and_(valid).sum());
   }
-  const at::Tensor n_tokens = f.valid.sum();
+  const at::Tensor n_tokens = rows.valid.sum();
   // No valid target: loss 0 (not NaN), so an all-padding batch does not poison training.
   const at::Tensor loss = (ce_sum + z_sum * z_loss) / n_tokens.clamp_min(1).to(acc);
   return {loss, n_tokens, n_correct};
@@ -104,23 +109,24 @@ std::tuple<at::Tensor, at::Tensor> loss_backward_impl(const at::Tensor& grad_los
                                                       int64_t chunk, int64_t ignore_index, double z_loss,
                                                       bool float32_logits) {
   check_args(h, w_head, targets, chunk, z_loss);
-  const Flat f = flatten(h, w_head, targets, chunk, ignore_index);
+  check_grad_loss(grad_loss);
+  const Rows rows = as_rows(h, targets, chunk, ignore_index);
   // d loss / d logit = grad_loss / n_valid * (softmax * (1 + 2 z_loss lse) - onehot(target)), valid rows only.
   const auto acc = accumulate_type(h);
-  const at::Tensor coef = grad_loss.to(acc) / f.valid.sum().clamp_min(1).to(acc);
-  const bool reduced = is_reduced(h);
+  const at::Tensor coef = grad_loss.to(acc) / rows.valid.sum().clamp_min(1).to(acc);
+  const bool reduced = is_reduced_float(h);
   at::Tensor dw = at::zeros(w_head.sizes(), w_head.options().dtype(acc));
-  at::Tensor dh = at::empty(f.h.sizes(), h.options());
-  for (int64_t start = 0; start < f.n; start += f.step) {
-    const int64_t len = std::min(f.step, f.n - start);
-    const at::Tensor hc = f.h.narrow(0, start, len);
+  at::Tensor dh = at::empty(rows.h.sizes(), h.options());
+  for (int64_t start = 0; start < rows.n; start += rows.step) {
+    const int64_t len = std::min(rows.step, rows.n - start);
+    const at::Tensor hc = rows.h.narrow(0, start, len);
     at::Tensor logits = chunk_logits(hc, w_head, float32_logits);
-    const at::Tensor t = f.targets.narrow(0, start, len), valid = f.valid.narrow(0, start, len);
+    const at::Tensor t = rows.safe_targets.narrow(0, start, len), valid = rows.valid.narrow(0, start, len);
     const at::Tensor lse = at::logsumexp(logits, {1}, /*keepdim=*/true);
     // logits becomes dlogits in place: one [chunk, V] buffer (plus the softmax's).
     at::Tensor dlogits = logits.sub_(lse).exp_();
     if (z_loss > 0) dlogits.mul_(lse.to(dlogits.scalar_type()) * (2 * z_loss) + 1);
-    dlogits.scatter_add_(1, t.clamp_min(0).unsqueeze(1),
+    dlogits.scatter_add_(1, t.unsqueeze(1),
                          at::full({len, 1}, -1.0, dlogits.options()));
     dlogits.mul_((valid.to(acc) * coef).unsqueeze(1).to(dlogits.scalar_type()));
     const at::Tensor dl = dlogits.to(h.scalar_type());
@@ -148,6 +154,7 @@ std::tuple<at::Tensor, at::Tensor> loss_backward_meta(const at::Tensor& grad_los
                                                       int64_t chunk, int64_t ignore_index, double z_loss,
                                                       bool float32_logits) {
   check_args(h, w_head, targets, chunk, z_loss);
+  check_grad_loss(grad_loss);
   return {at::empty_symint(h.sym_sizes(), h.options()), at::empty_symint(w_head.sym_sizes(), w_head.options())};
 }
 
@@ -172,11 +179,11 @@ class ChunkedLMLossFunction : public torch::autograd::Function<ChunkedLMLossFunc
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     if (!grads[0].defined()) return std::vector<at::Tensor>(7);
-    const auto s = ctx->get_saved_variables();
-    const auto& d = ctx->saved_data;
-    auto [dh, dw] = ops::chunked_lm_loss_backward(grads[0], s[0], s[1], s[2], d.at("chunk").toInt(),
-                                                  d.at("ignore_index").toInt(), d.at("z_loss").toDouble(),
-                                                  d.at("float32_logits").toBool());
+    const auto saved = ctx->get_saved_variables();
+    const auto& options = ctx->saved_data;
+    auto [dh, dw] = ops::chunked_lm_loss_backward(
+        grads[0], saved[0], saved[1], saved[2], options.at("chunk").toInt(), options.at("ignore_index").toInt(),
+        options.at("z_loss").toDouble(), options.at("float32_logits").toBool());
     return {dh, dw, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };

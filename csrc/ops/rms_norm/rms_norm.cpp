@@ -40,8 +40,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cpu(const at::Tensor& grad_
               ", got ", grad_out.sizes());
   check_same_dtype(kOp, "grad_out", grad_out, x, "x");
   at::Tensor grad_x = at::empty(x.sizes(), x.options());
-  const auto opmath = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor grad_weight = at::empty(weight.sizes(), weight.options().dtype(opmath));
+  at::Tensor grad_weight = at::empty(weight.sizes(), weight.options().dtype(accumulate_type(x)));
   cpu::rms_norm_backward_kernel()(grad_out.contiguous(), x.contiguous(), weight.contiguous(), eps, grad_x,
                                   grad_weight);
   return {grad_x, grad_weight.to(weight.scalar_type())};
