@@ -3,11 +3,10 @@ flash kernel) vs naive math attention (materialised [T, T] scores), forward and
 forward+backward, B=1, Hq=8, D=128.
 
 --quick: T 1k, 2k, 4k, Hkv 8, fp32 and bf16, causal and not (about 3 minutes).
-full:    T 1k .. 32k, Hkv 8 and 2. Naive attention is skipped where its scores alone
-         would pass 6 GiB; --max-t trims the longest sequences.
+full:    T 1k .. 32k, Hkv 8 and 2; --t, --hkv, --causal pick a part of it. Naive
+         attention is skipped where its scores alone would pass 6 GiB.
 """
 
-import argparse
 import math
 import sys
 from pathlib import Path
@@ -20,20 +19,22 @@ Q_CHUNK = K_CHUNK = 256
 NAIVE_MAX_SCORE_BYTES = 6 << 30
 
 
-def _max_t():
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--max-t", type=int, default=32768)
-    return p.parse_known_args()[0].max_t
+def add_args(parser):
+    """--t, --hkv and --causal narrow the full grid (e.g. --t 32768 --hkv 8 --causal yes)."""
+    parser.add_argument("--t", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768])
+    parser.add_argument("--hkv", type=int, nargs="+", default=[8, 2])
+    parser.add_argument("--causal", choices=["both", "yes", "no"], default="both")
 
 
-def cases(quick):
-    lengths = [1024, 2048, 4096] if quick else [t for t in (1024, 2048, 4096, 8192, 16384, 32768) if t <= _max_t()]
-    kv_heads = [8] if quick else [8, 2]
+def cases(args):
+    lengths = [1024, 2048, 4096] if args.quick else args.t
+    kv_heads = [8] if args.quick else args.hkv
     return [
         {"T": T, "Hkv": hkv, "causal": causal, "dtype": dtype, "impl": impl}
         for T in lengths
         for hkv in kv_heads
         for causal in (True, False)
+        if args.quick or args.causal == "both" or causal == (args.causal == "yes")
         for dtype in ("float32", "bfloat16")
         for impl in ("bpt", "sdpa", "naive")
     ]
@@ -83,4 +84,4 @@ def run_phase(p, phase):
 
 
 if __name__ == "__main__":
-    main(__file__, cases, PHASES, run_phase)
+    main(__file__, cases, PHASES, run_phase, add_args)

@@ -1,9 +1,10 @@
 """Shared benchmark driver: each case runs in a process of its own, so its peak memory is
 its own, and every implementation of a case is timed in the same run, side by side.
 
-A benchmark script defines `cases(quick) -> list[dict]` (each dict the case's params plus
-"impl"), its phases (e.g. ("fwd", "fwdbwd")) and `run_phase(params, phase) -> (ms, peak_mb)`
-(usually `measure(setup, fn)`), and ends with `main(__file__, cases, PHASES, run_phase)`.
+A benchmark script defines `cases(args) -> list[dict]` (each dict the case's params plus
+"impl"; args.quick and any flags of its own, added by an optional `add_args(parser)`), its
+phases (e.g. ("fwd", "fwdbwd")) and `run_phase(params, phase) -> (ms, peak_mb)` (usually
+`measure(setup, fn)`), and ends with `main(__file__, cases, PHASES, run_phase[, add_args])`.
 Each (case, phase) runs in a fresh process. Records written with --out are a JSON list of
 {"bench", "impl", "params", "ms", "peak_mb", "<phase>_ms", "<phase>_peak_mb", "machine"}:
 
@@ -69,6 +70,7 @@ def machine() -> dict:
         pass
     return {
         "cpu": cpu,
+        "avx512_bf16": "avx512_bf16" in open("/proc/cpuinfo").read(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
@@ -117,7 +119,15 @@ def _run_in_process(script: str, params: dict, phase: str, timeout: float) -> di
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def main(script: str, cases, phases, run_phase) -> None:
+def write_records(path: Path, records: list) -> None:
+    """The --out file: the records, each with the machine they ran on."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    host = machine()
+    path.write_text(json.dumps([{**r, "machine": host} for r in records], indent=1) + "\n")
+    print(f"wrote {path}")
+
+
+def main(script: str, cases, phases, run_phase, add_args=None) -> None:
     bench = Path(script).stem
     parser = argparse.ArgumentParser(description=f"bpt benchmark: {bench}")
     parser.add_argument("--quick", action="store_true", help="a few small cases (well under 3 minutes)")
@@ -125,7 +135,9 @@ def main(script: str, cases, phases, run_phase) -> None:
     parser.add_argument("--timeout", type=float, default=900, help="seconds allowed per case and phase")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case ...
     parser.add_argument("--phase", help=argparse.SUPPRESS)  # ... and phase in this process
-    args, _ = parser.parse_known_args()  # benchmark-specific flags are read by the script
+    if add_args:
+        add_args(parser)
+    args = parser.parse_args()
 
     if args.case is not None:
         print(json.dumps(_child(run_phase, json.loads(args.case), args.phase)))
@@ -135,7 +147,7 @@ def main(script: str, cases, phases, run_phase) -> None:
     from report import print_table
 
     records, failed = [], False
-    for params in cases(args.quick):
+    for params in cases(args):
         record = {"bench": bench, "impl": params["impl"], "params": {k: v for k, v in params.items() if k != "impl"}}
         for phase in phases:
             result = _run_in_process(script, params, phase, args.timeout)
@@ -157,10 +169,7 @@ def main(script: str, cases, phases, run_phase) -> None:
         print(f"  {record['impl']:>9} {json.dumps(record['params'])}: {shown}", flush=True)
 
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        host = machine()
-        args.out.write_text(json.dumps([{**r, "machine": host} for r in records], indent=1) + "\n")
-        print(f"wrote {args.out}")
+        write_records(args.out, records)
     print_table(records)
     if failed:
         sys.exit(1)

@@ -14,8 +14,8 @@ PHASES = ("fwd", "fwdbwd")
 D, HIDDEN, CHUNK = 1024, 2816, 2048
 
 
-def cases(quick):
-    lengths = [4096, 16384] if quick else [4096, 8192, 16384, 32768]
+def cases(args):
+    lengths = [4096, 16384] if args.quick else [4096, 8192, 16384, 32768]
     return [
         {"T": T, "dtype": dtype, "impl": impl}
         for T in lengths

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, peak_memory_mb, reset_peak_memory  # noqa: E402
+from common import peak_memory_mb, reset_peak_memory, write_records  # noqa: E402
 
 D, HEADS, LAYERS, HIDDEN, VOCAB = 256, 4, 4, 688, 32000
 ATTN_CHUNK, FFN_CHUNK, LOSS_CHUNK = 256, 512, 256
@@ -107,8 +108,11 @@ def _step(variant: str, T: int) -> tuple[float, float]:
 
 def trial(variant: str, T: int, cap_mb: float, timeout: float) -> dict:
     cmd = [sys.executable, __file__, "--trial", json.dumps({"variant": variant, "T": T, "cap_mb": cap_mb})]
+    # A fixed mmap threshold: glibc would otherwise raise it after the warm-up step's frees and
+    # keep freed blocks on its heap, where the measured step reuses them unseen by the peak.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return {"fits": False, "why": "timeout"}
     if proc.returncode != 0:
@@ -176,10 +180,7 @@ def main():
         print(f"  {r['impl']:>8}: max_T {r['max_T']:>6}  ({r['vs_vanilla'] or 0:.1f}x vanilla, "
               f"{r['vs_mem_eff'] or 0:.1f}x mem_eff)")
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        host = machine()
-        args.out.write_text(json.dumps([{**r, "machine": host} for r in records], indent=1) + "\n")
-        print(f"wrote {args.out}")
+        write_records(args.out, records)
 
 
 if __name__ == "__main__":

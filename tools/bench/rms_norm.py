@@ -10,8 +10,8 @@ from common import main, measure  # noqa: E402
 PHASES = ("fwd", "fwdbwd")
 
 
-def cases(quick):
-    shapes = [(4096, 4096), (16384, 1024)] if quick else [(4096, 4096), (16384, 1024), (2048, 8192), (65536, 512)]
+def cases(args):
+    shapes = [(4096, 4096), (16384, 1024)] if args.quick else [(4096, 4096), (16384, 1024), (2048, 8192), (65536, 512)]
     return [
         {"rows": rows, "D": D, "dtype": dtype, "impl": impl}
         for rows, D in shapes
@@ -41,6 +41,7 @@ def run_phase(p, phase):
 
     def step(x, w, g):
         if train:
+            x.grad = w.grad = None
             fn(x, w, 1e-6).backward(g)
         else:
             with torch.no_grad():
