@@ -49,7 +49,6 @@ test: build
 demo: setup build
 	$(BUILD_DIR)/bpt-demo
 	$(PY) tools/bench/rms_norm.py --quick --out $(BENCH_OUT)/rms_norm.json
-	$(PY) tools/bench/report.py $(BENCH_OUT)/rms_norm.json
 
 bench: build
 	@mkdir -p $(BENCH_OUT)
