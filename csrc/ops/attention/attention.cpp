@@ -2,6 +2,7 @@
 
 #include "csrc/ops/attention/attention.h"
 
+#include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -108,13 +109,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
   if (grad_lse.has_value() && grad_lse->defined()) delta = delta - grad_lse->to(opmath);
   const auto opts = q.options().dtype(opmath);
   at::Tensor grad_q = at::zeros({p.batch, p.q_heads, p.q_len, p.head_dim}, opts);
-  at::Tensor grad_k = at::zeros({p.batch, p.q_heads, p.kv_len, p.head_dim}, opts);
-  at::Tensor grad_v = at::zeros({p.batch, p.q_heads, p.kv_len, p.head_dim}, opts);
+  // One backward task per kv head when that gives every thread work; otherwise per query
+  // head, with each head's dK/dV slice kept apart and summed over the group below.
+  const int64_t grad_heads = p.batch * p.kv_heads >= at::get_num_threads() ? p.kv_heads : p.q_heads;
+  at::Tensor grad_k = at::zeros({p.batch, grad_heads, p.kv_len, p.head_dim}, opts);
+  at::Tensor grad_v = at::zeros({p.batch, grad_heads, p.kv_len, p.head_dim}, opts);
   const at::Tensor seg = p.has_segments ? segment_ids->to(at::kLong).contiguous() : at::Tensor();
   cpu::attention_backward_kernel()(p, grad_out.to(compute).contiguous(), q.to(compute).contiguous(),
                                    k.to(compute).contiguous(), v.to(compute).contiguous(), lse.to(opmath).contiguous(),
                                    delta.contiguous(), seg, grad_q, grad_k, grad_v);
-  if (p.group() > 1) {  // sum each kv head's gradient over the query heads that share it
+  if (grad_heads != p.kv_heads) {  // sum each kv head's gradient over the query heads that share it
     grad_k = grad_k.view({p.batch, p.kv_heads, p.group(), p.kv_len, p.head_dim}).sum(2);
     grad_v = grad_v.view({p.batch, p.kv_heads, p.group(), p.kv_len, p.head_dim}).sum(2);
   }

@@ -51,12 +51,12 @@ using attention_forward_fn = void(const ops::AttentionParams& p, const at::Tenso
                                   const at::Tensor& lse);
 
 // delta [B, Hq, T] = rowsum(grad_out * out) - grad_lse. grad_q [B, Hq, T, D] and
-// grad_k_per_head, grad_v_per_head [B, Hq, S, D] (one slice per query head, summed over the
-// group by the caller; with Hq == Hkv they are the final gradients) come zeroed.
+// grad_k_slices, grad_v_slices come zeroed, either [B, Hkv, S, D] (the final gradients) or
+// [B, Hq, S, D] (one slice per query head, for more parallel tasks; the caller sums each group).
 using attention_backward_fn = void(const ops::AttentionParams& p, const at::Tensor& grad_out, const at::Tensor& q,
                                    const at::Tensor& k, const at::Tensor& v, const at::Tensor& lse,
                                    const at::Tensor& delta, const at::Tensor& segment_ids, const at::Tensor& grad_q,
-                                   const at::Tensor& grad_k_per_head, const at::Tensor& grad_v_per_head);
+                                   const at::Tensor& grad_k_slices, const at::Tensor& grad_v_slices);
 
 BPT_CPU_KERNEL(attention_forward_fn, attention_forward)
 BPT_CPU_KERNEL(attention_backward_fn, attention_backward)

@@ -330,60 +330,65 @@ void forward_loop(const AttentionParams& p, const Gemms& g, const int64_t* seg_d
   });
 }
 
+// grad_k_slices / grad_v_slices are [B, Hkv, S, D] (one task per kv head, looping over its
+// query heads) or [B, Hq, S, D] (one task per query head, more tasks when B * Hkv is below
+// the thread count; the caller sums the group). Either way a task owns what it writes.
 template <typename Gemms, typename T = typename Gemms::acc_t>
 void backward_loop(const AttentionParams& p, const Gemms& g, const T* lse_data, const T* delta_data,
-                   const int64_t* seg_data, T* gq_data, T* gk_data, T* gv_data) {
+                   const int64_t* seg_data, T* gq_data, T* gk_data, T* gv_data, bool grads_per_kv_head) {
   using Vec = at::vec::Vectorized<T>;
   const int64_t T_len = p.q_len, S = p.kv_len, D = p.head_dim;
   const Vec scale(static_cast<T>(p.scale));
-  // One task per (b, query head): it owns grad_q[b, h] and the per-head grad_k/grad_v slices.
-  parallel_tasks(p.batch * p.q_heads, [&](const auto& next_task) {
+  const int64_t heads_per_task = grads_per_kv_head ? p.group() : 1;
+  parallel_tasks(p.batch * p.q_heads / heads_per_task, [&](const auto& next_task) {
     auto scratch = g.scratch();
     std::vector<T> probs(p.q_chunk * p.k_chunk), dprobs(p.q_chunk * p.k_chunk);
-    for (int64_t bh; (bh = next_task()) >= 0;) {
-      const int64_t b = bh / p.q_heads, h = bh % p.q_heads;
-      const int64_t kvh = b * p.kv_heads + h / p.group();
-      const T* L = lse_data + bh * T_len;
-      const T* delta_row = delta_data + bh * T_len;
-      const int64_t* seg = seg_data ? seg_data + b * S : nullptr;
-      T* dQ = gq_data + bh * T_len * D;
-      T* dK = gk_data + bh * S * D;
-      T* dV = gv_data + bh * S * D;
+    for (int64_t task; (task = next_task()) >= 0;) {
+      T* dK = gk_data + task * S * D;
+      T* dV = gv_data + task * S * D;
+      for (int64_t bh = task * heads_per_task; bh < (task + 1) * heads_per_task; ++bh) {
+        const int64_t b = bh / p.q_heads, h = bh % p.q_heads;
+        const int64_t kvh = b * p.kv_heads + h / p.group();
+        const T* L = lse_data + bh * T_len;
+        const T* delta_row = delta_data + bh * T_len;
+        const int64_t* seg = seg_data ? seg_data + b * S : nullptr;
+        T* dQ = gq_data + bh * T_len * D;
 
-      for (int64_t k0 = 0; k0 < S; k0 += p.k_chunk) {
-        const Span ks{k0, std::min(p.k_chunk, S - k0)};
-        g.begin_key_block(scratch, ks);
-        // Causal: the first query that sees key k0 is at kv_offset + i >= k0.
-        const int64_t first_q = p.causal ? std::max<int64_t>(0, k0 - p.kv_offset) : 0;
-        for (int64_t q0 = first_q / p.q_chunk * p.q_chunk; q0 < T_len; q0 += p.q_chunk) {
-          const Span qs{q0, std::min(p.q_chunk, T_len - q0)};
-          const BlockMask mask = classify(p, seg, qs, ks);
-          if (mask == BlockMask::Skip) continue;
-          T* P = probs.data();
-          T* dP = dprobs.data();
-          g.scores(scratch, bh, kvh, qs, ks, P);
-          if (mask == BlockMask::Partial) apply_mask(p, seg, qs, ks, P);
-          for (int64_t i = 0; i < qs.len; ++i) {  // P = exp(S - lse)
-            const T row_lse = L[q0 + i];
-            T* row = P + i * ks.len;
-            if (row_lse == kNegInf<T>) {
-              std::fill(row, row + ks.len, T(0));
-            } else {
-              const Vec shift(row_lse);
-              at::vec::map([shift](Vec x) { return vexp(x - shift); }, row, row, ks.len);
+        for (int64_t k0 = 0; k0 < S; k0 += p.k_chunk) {
+          const Span ks{k0, std::min(p.k_chunk, S - k0)};
+          g.begin_key_block(scratch, ks);
+          // Causal: the first query that sees key k0 is at kv_offset + i >= k0.
+          const int64_t first_q = p.causal ? std::max<int64_t>(0, k0 - p.kv_offset) : 0;
+          for (int64_t q0 = first_q / p.q_chunk * p.q_chunk; q0 < T_len; q0 += p.q_chunk) {
+            const Span qs{q0, std::min(p.q_chunk, T_len - q0)};
+            const BlockMask mask = classify(p, seg, qs, ks);
+            if (mask == BlockMask::Skip) continue;
+            T* P = probs.data();
+            T* dP = dprobs.data();
+            g.scores(scratch, bh, kvh, qs, ks, P);
+            if (mask == BlockMask::Partial) apply_mask(p, seg, qs, ks, P);
+            for (int64_t i = 0; i < qs.len; ++i) {  // P = exp(S - lse)
+              const T row_lse = L[q0 + i];
+              T* row = P + i * ks.len;
+              if (row_lse == kNegInf<T>) {
+                std::fill(row, row + ks.len, T(0));
+              } else {
+                const Vec shift(row_lse);
+                at::vec::map([shift](Vec x) { return vexp(x - shift); }, row, row, ks.len);
+              }
             }
+            g.add_dv(scratch, bh, qs, ks, P, dV + k0 * D);
+            g.dp(scratch, bh, kvh, qs, ks, dP);
+            for (int64_t i = 0; i < qs.len; ++i) {  // dS = scale * P * (dP - delta), in place of dP
+              const Vec d(delta_row[q0 + i]);
+              at::vec::map2([d, scale](Vec pv, Vec dpv) { return pv * (dpv - d) * scale; }, dP + i * ks.len,
+                            P + i * ks.len, dP + i * ks.len, ks.len);
+            }
+            g.add_dq(scratch, kvh, qs, ks, dP, dQ + q0 * D);
+            g.add_dk(scratch, bh, qs, ks, dP, dK + k0 * D);
           }
-          g.add_dv(scratch, bh, qs, ks, P, dV + k0 * D);
-          g.dp(scratch, bh, kvh, qs, ks, dP);
-          for (int64_t i = 0; i < qs.len; ++i) {  // dS = scale * P * (dP - delta), in place of dP
-            const Vec d(delta_row[q0 + i]);
-            at::vec::map2([d, scale](Vec pv, Vec dpv) { return pv * (dpv - d) * scale; }, dP + i * ks.len,
-                          P + i * ks.len, dP + i * ks.len, ks.len);
-          }
-          g.add_dq(scratch, kvh, qs, ks, dP, dQ + q0 * D);
-          g.add_dk(scratch, bh, qs, ks, dP, dK + k0 * D);
+          g.end_key_block(scratch, ks, dK + k0 * D, dV + k0 * D);
         }
-        g.end_key_block(scratch, ks, dK + k0 * D, dV + k0 * D);
       }
     }
   });
@@ -418,13 +423,14 @@ void attention_forward(const AttentionParams& p, const at::Tensor& q, const at::
 
 void attention_backward(const AttentionParams& p, const at::Tensor& grad_out, const at::Tensor& q,
                         const at::Tensor& k, const at::Tensor& v, const at::Tensor& lse, const at::Tensor& delta,
-                        const at::Tensor& segment_ids, const at::Tensor& grad_q, const at::Tensor& grad_k_per_head,
-                        const at::Tensor& grad_v_per_head) {
+                        const at::Tensor& segment_ids, const at::Tensor& grad_q, const at::Tensor& grad_k_slices,
+                        const at::Tensor& grad_v_slices) {
   const int64_t* seg = p.has_segments ? segment_ids.const_data_ptr<int64_t>() : nullptr;
   auto run = [&](const auto& g, auto* type_tag) {
     using T = std::remove_pointer_t<decltype(type_tag)>;
     backward_loop(p, g, lse.const_data_ptr<T>(), delta.const_data_ptr<T>(), seg, grad_q.mutable_data_ptr<T>(),
-                  grad_k_per_head.mutable_data_ptr<T>(), grad_v_per_head.mutable_data_ptr<T>());
+                  grad_k_slices.mutable_data_ptr<T>(), grad_v_slices.mutable_data_ptr<T>(),
+                  grad_k_slices.size(1) == p.kv_heads);
   };
   switch (q.scalar_type()) {
     case at::kBFloat16: {
