@@ -56,6 +56,14 @@ inline bool is_reduced_float(const at::Tensor& t) {
   return t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf;
 }
 
+// A gradient (or saved output) that must match a tensor's shape and dtype exactly.
+inline void check_like(const char* op, const char* name, const at::Tensor& t, const at::Tensor& ref,
+                       const char* ref_name) {
+  TORCH_CHECK(t.sym_sizes() == ref.sym_sizes(), op, ": ", name, " must have ", ref_name, "'s shape ", ref.sym_sizes(),
+              ", got ", t.sym_sizes());
+  check_same_dtype(op, name, t, ref, ref_name);
+}
+
 inline void check_size(const char* op, const char* name, const c10::SymInt& got, const c10::SymInt& want,
                        const char* what) {
   TORCH_SYM_CHECK(got.sym_eq(want), op, ": ", name, " must be ", want, " (", what, "), got ", got);

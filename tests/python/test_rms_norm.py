@@ -100,3 +100,15 @@ def test_torch_compile_with_backward():
 def test_bad_arguments_name_the_problem(x, w, eps, message):
     with pytest.raises(RuntimeError, match=message.replace("(", r"\(").replace(")", r"\)")):
         torch.ops.bpt.rms_norm(x, w, eps)
+
+
+def test_backward_rejects_a_mismatched_grad_in_eager_and_fake_mode():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def call():
+        torch.ops.bpt.rms_norm_backward(torch.randn(4, 7), torch.randn(4, 8), torch.ones(8), 1e-6)
+
+    with pytest.raises(RuntimeError, match="grad_out must have x's shape"):
+        call()
+    with pytest.raises(RuntimeError, match="grad_out must have x's shape"), FakeTensorMode():
+        call()

@@ -62,11 +62,8 @@ void check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, i
 void check_backward_args(const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q,
                          const at::Tensor& out, const at::Tensor& lse) {
   const std::string op = std::string(kOp) + "_backward";
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"grad_out", grad_out}, {"out", out}}) {
-    TORCH_CHECK(t.sym_sizes() == q.sym_sizes(), op, ": ", name, " must have q's shape ", q.sym_sizes(), ", got ",
-                t.sym_sizes());
-    check_same_dtype(op.c_str(), name, t, q, "q");
-  }
+  check_like(op.c_str(), "grad_out", grad_out, q, "q");
+  check_like(op.c_str(), "out", out, q, "q");
   TORCH_CHECK(lse.sym_sizes() == q.sym_sizes().slice(0, 3), op, ": lse must be [B, Hq, T] = ",
               q.sym_sizes().slice(0, 3), ", got ", lse.sym_sizes());
   if (grad_lse.has_value() && grad_lse->defined()) {

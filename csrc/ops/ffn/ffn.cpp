@@ -17,6 +17,7 @@
 #include <torch/library.h>
 
 #include "csrc/ops/checks.h"
+#include "csrc/ops/weight_grad.h"
 #include "csrc/ops/ops.h"
 
 namespace bpt::ops {
@@ -45,9 +46,7 @@ void check_args(const at::Tensor& x, const at::Tensor& w_gate, const at::Tensor&
 }
 
 void check_grad_out(const at::Tensor& grad_out, const at::Tensor& x) {
-  TORCH_CHECK(grad_out.sym_sizes() == x.sym_sizes(), kOp, "_backward: grad_out must have x's shape ", x.sym_sizes(),
-              ", got ", grad_out.sym_sizes());
-  check_same_dtype(kOp, "grad_out", grad_out, x, "x");
+  check_like("bpt::blockwise_ffn_backward", "grad_out", grad_out, x, "x");
 }
 
 at::Tensor ffn_impl(const at::Tensor& x, const at::Tensor& w_gate, const at::Tensor& w_up, const at::Tensor& w_down,
@@ -79,35 +78,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ffn_backward_impl(
   const at::Tensor x2 = x.reshape({-1, D}), gy2 = grad_out.reshape({-1, D});
   const int64_t N = x2.size(0), step = resolve_chunk(chunk, N);
   const auto dtype = x.scalar_type(), acc = accumulate_type(x);
-  const bool reduced = is_reduced_float(x);
   const auto acc_opts = w_gate.options().dtype(acc);
   at::Tensor dw_gate = at::zeros(w_gate.sizes(), acc_opts), dw_up = at::zeros(w_up.sizes(), acc_opts);
   at::Tensor dw_down = at::zeros(w_down.sizes(), acc_opts);
   at::Tensor dx = at::empty({N, D}, x.options());
-  // Adds a chunk's weight gradient a^T b: in place for fp32/fp64; bf16/fp16 GEMMs round the
-  // chunk's product once before the fp32 sum.
-  auto accumulate = [reduced](at::Tensor& sum, const at::Tensor& a, const at::Tensor& b) {
-    if (reduced) {
-      sum.add_(at::mm(a.t(), b));
-    } else {
-      sum.addmm_(a.t(), b);
-    }
-  };
   for (int64_t start = 0; start < N; start += step) {
     const int64_t len = std::min(step, N - start);
     const at::Tensor xc = x2.narrow(0, start, len), dy = gy2.narrow(0, start, len);
     const at::Tensor gate = at::mm(xc, w_gate.t()).to(acc), up = at::mm(xc, w_up.t()).to(acc);
     const at::Tensor sig = at::sigmoid(gate);
     const at::Tensor silu = gate * sig;
-    accumulate(dw_down, dy, (silu * up).to(dtype));
+    add_transposed_product(dw_down, dy, (silu * up).to(dtype));
     const at::Tensor da = at::mm(dy, w_down).to(acc);
     const at::Tensor d_up = (da * silu).to(dtype);
     const at::Tensor d_gate = da.mul_(up).mul_(sig * (1 + gate * (1 - sig))).to(dtype);
     at::Tensor dx_chunk = dx.narrow(0, start, len);
     at::mm_out(dx_chunk, d_gate, w_gate);
     dx_chunk.addmm_(d_up, w_up);
-    accumulate(dw_gate, d_gate, xc);
-    accumulate(dw_up, d_up, xc);
+    add_transposed_product(dw_gate, d_gate, xc);
+    add_transposed_product(dw_up, d_up, xc);
   }
   const auto wt = w_gate.scalar_type();
   return {dx.view(x.sizes()), dw_gate.to(wt), dw_up.to(wt), dw_down.to(wt)};

@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include "csrc/ops/checks.h"
+#include "csrc/ops/weight_grad.h"
 #include "csrc/ops/ops.h"
 
 namespace bpt::ops {
@@ -114,7 +115,6 @@ std::tuple<at::Tensor, at::Tensor> loss_backward_impl(const at::Tensor& grad_los
   // d loss / d logit = grad_loss / n_valid * (softmax * (1 + 2 z_loss lse) - onehot(target)), valid rows only.
   const auto acc = accumulate_type(h);
   const at::Tensor coef = grad_loss.to(acc) / rows.valid.sum().clamp_min(1).to(acc);
-  const bool reduced = is_reduced_float(h);
   at::Tensor dw = at::zeros(w_head.sizes(), w_head.options().dtype(acc));
   at::Tensor dh = at::empty(rows.h.sizes(), h.options());
   for (int64_t start = 0; start < rows.n; start += rows.step) {
@@ -132,11 +132,7 @@ std::tuple<at::Tensor, at::Tensor> loss_backward_impl(const at::Tensor& grad_los
     const at::Tensor dl = dlogits.to(h.scalar_type());
     at::Tensor dh_chunk = dh.narrow(0, start, len);
     at::mm_out(dh_chunk, dl, w_head);
-    if (reduced) {
-      dw.add_(at::mm(dl.t(), hc));
-    } else {
-      dw.addmm_(dl.t(), hc);
-    }
+    add_transposed_product(dw, dl, hc);
   }
   return {dh.view(h.sizes()), dw.to(w_head.scalar_type())};
 }

@@ -36,9 +36,7 @@ at::Tensor rms_norm_cpu(const at::Tensor& x, const at::Tensor& weight, double ep
 std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,
                                                          const at::Tensor& weight, double eps) {
   check_args(x, weight, eps);
-  TORCH_CHECK(grad_out.sizes() == x.sizes(), kOp, "_backward: grad_out must have x's shape ", x.sizes(),
-              ", got ", grad_out.sizes());
-  check_same_dtype(kOp, "grad_out", grad_out, x, "x");
+  check_like("bpt::rms_norm_backward", "grad_out", grad_out, x, "x");
   at::Tensor grad_x = at::empty(x.sizes(), x.options());
   at::Tensor grad_weight = at::empty(weight.sizes(), weight.options().dtype(accumulate_type(x)));
   cpu::rms_norm_backward_kernel()(grad_out.contiguous(), x.contiguous(), weight.contiguous(), eps, grad_x,
@@ -54,6 +52,7 @@ at::Tensor rms_norm_meta(const at::Tensor& x, const at::Tensor& weight, double e
 std::tuple<at::Tensor, at::Tensor> rms_norm_backward_meta(const at::Tensor& grad_out, const at::Tensor& x,
                                                           const at::Tensor& weight, double eps) {
   check_args(x, weight, eps);
+  check_like("bpt::rms_norm_backward", "grad_out", grad_out, x, "x");
   return {at::empty_symint(x.sym_sizes(), x.options()), at::empty_symint(weight.sym_sizes(), weight.options())};
 }
 
