@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 # Packages the C++ build needs. libgloo-dev supplies the Gloo headers the torch wheel
 # lacks (c10d's ProcessGroupGloo from C++); sentencepiece gives spm_train for tokenizers.
 DEBS=(build-essential cmake ninja-build ccache pkg-config
-      libsentencepiece-dev sentencepiece libfmt-dev catch2
+      libsentencepiece-dev sentencepiece catch2
       libcli11-dev libtomlplusplus-dev nlohmann-json3-dev libgloo-dev)
 # Pinned exactly: a range would pull a multi-GB CUDA build of torch.
 TORCH_SPEC="torch==2.13.0"

@@ -4,3 +4,5 @@
 #include <torch/nn/cloneable.h>
 #include <torch/nn/module.h>
 #include <torch/nn/pimpl.h>
+#include <fmt/format.h>
+#include <fmt/ranges.h>
