@@ -37,4 +37,11 @@ LMLoss ChunkedLMHeadLossImpl::forward(const at::Tensor& h, const at::Tensor& tar
 
 at::Tensor ChunkedLMHeadLossImpl::logits(const at::Tensor& h) const { return at::matmul(h, weight.t()); }
 
+void ChunkedLMHeadLossImpl::tie(const at::Tensor& embedding) {
+  TORCH_CHECK(embedding.sizes() == weight.sizes(), "ChunkedLMHeadLoss: tied embedding must be ", weight.sizes(),
+              ", got ", embedding.sizes());
+  if (parameters_.contains("weight")) parameters_.erase("weight");
+  weight = embedding;
+}
+
 }  // namespace bpt::nn

@@ -44,6 +44,10 @@ class ChunkedLMHeadLossImpl : public torch::nn::Cloneable<ChunkedLMHeadLossImpl>
   // h [..., dim] -> logits [..., vocab] (inference: materialises them).
   at::Tensor logits(const at::Tensor& h) const;
 
+  // Tied embeddings: use `embedding` [vocab_size, dim] as the weight. The head then owns no
+  // parameter, so an optimizer sees the shared tensor once, through the embedding.
+  void tie(const at::Tensor& embedding);
+
   ChunkedLMHeadLossOptions options;
   at::Tensor weight;  // [vocab_size, dim]
 };
