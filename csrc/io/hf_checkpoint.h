@@ -1,0 +1,39 @@
+#pragma once
+// LLaMA checkpoints in Hugging Face's directory layout: config.json plus model.safetensors (or
+// shards with model.safetensors.index.json). A bpt checkpoint is the same directory with
+// bpt's own fields under "bpt" in config.json; transformers loads either.
+#include <c10/core/ScalarType.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+
+#include "models/llama/config.h"
+#include "models/llama/llama.h"
+
+namespace bpt::io {
+
+// dir/config.json as a LlamaConfig; InputError names the file and field.
+models::llama::LlamaConfig read_llama_config(const std::string& dir);
+
+// Copies every parameter of `model` from the checkpoint in `dir`, converting fp32/bf16/fp16 to
+// the model's dtype. A missing tensor, a wrong shape (say, another vocabulary size), a
+// non-float dtype or a tensor LLaMA has no place for is an InputError naming the file and the
+// tensor.
+void load_llama_weights(models::llama::LlamaForCausalLMImpl& model, const std::string& dir);
+
+struct SaveOptions {
+  std::optional<c10::ScalarType> dtype;          // default: the model's
+  int64_t max_shard_bytes = int64_t{5} << 30;     // Hugging Face's default shard size, 5 GiB
+  bool bpt_fields = true;                         // write the "bpt" block into config.json
+};
+
+// Writes config.json and the weights (HF names) into `dir`, each file atomically.
+void save_llama(const models::llama::LlamaForCausalLMImpl& model, const std::string& dir,
+                const SaveOptions& options = {});
+
+// Copies the tokenizer files found in `from` (tokenizer.model, tokenizer.json,
+// tokenizer_config.json, special_tokens_map.json, generation_config.json) into `to`.
+void copy_tokenizer_files(const std::string& from, const std::string& to);
+
+}  // namespace bpt::io

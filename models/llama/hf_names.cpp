@@ -1,0 +1,35 @@
+#include "models/llama/hf_names.h"
+
+#include <fmt/format.h>
+
+namespace bpt::models::llama {
+
+std::string hf_name(const std::string& bpt_name) { return bpt_name; }
+std::string bpt_name(const std::string& hf_name) { return hf_name; }
+
+std::vector<std::pair<std::string, std::vector<int64_t>>> hf_tensor_shapes(const LlamaConfig& c) {
+  const int64_t C = c.hidden_size, D = c.resolved_head_dim(), I = c.intermediate_size;
+  const int64_t q = c.num_attention_heads * D, kv = c.num_key_value_heads * D;
+  std::vector<std::pair<std::string, std::vector<int64_t>>> shapes = {{"model.embed_tokens.weight", {c.vocab_size, C}}};
+  for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
+    const std::string layer = fmt::format("model.layers.{}.", i);
+    shapes.push_back({layer + "self_attn.q_proj.weight", {q, C}});
+    shapes.push_back({layer + "self_attn.k_proj.weight", {kv, C}});
+    shapes.push_back({layer + "self_attn.v_proj.weight", {kv, C}});
+    shapes.push_back({layer + "self_attn.o_proj.weight", {C, q}});
+    shapes.push_back({layer + "mlp.gate_proj.weight", {I, C}});
+    shapes.push_back({layer + "mlp.up_proj.weight", {I, C}});
+    shapes.push_back({layer + "mlp.down_proj.weight", {C, I}});
+    shapes.push_back({layer + "input_layernorm.weight", {C}});
+    shapes.push_back({layer + "post_attention_layernorm.weight", {C}});
+  }
+  shapes.push_back({"model.norm.weight", {C}});
+  if (!c.tie_word_embeddings) shapes.push_back({"lm_head.weight", {c.vocab_size, C}});
+  return shapes;
+}
+
+bool hf_ignorable(const std::string& name, const LlamaConfig& config) {
+  return name.ends_with("rotary_emb.inv_freq") || (config.tie_word_embeddings && name == "lm_head.weight");
+}
+
+}  // namespace bpt::models::llama

@@ -1,0 +1,204 @@
+#include "models/llama/llama.h"
+
+#include <ATen/ATen.h>
+
+#include "csrc/ops/ops.h"
+
+namespace bpt::models::llama {
+namespace {
+
+torch::nn::LinearOptions linear(int64_t in, int64_t out) { return torch::nn::LinearOptions(in, out).bias(false); }
+
+}  // namespace
+
+at::Tensor positions_from_segments(const at::Tensor& segment_ids) {
+  const int64_t B = segment_ids.size(0), T = segment_ids.size(1);
+  const at::Tensor index = at::arange(T, segment_ids.options().dtype(at::kLong)).expand({B, T});
+  at::Tensor is_start = at::ones({B, T}, segment_ids.options().dtype(at::kBool));
+  if (T > 1) is_start.narrow(1, 1, T - 1).copy_(segment_ids.narrow(1, 1, T - 1) != segment_ids.narrow(1, 0, T - 1));
+  const at::Tensor start = std::get<0>(at::where(is_start, index, at::zeros_like(index)).cummax(1));
+  return index - start;
+}
+
+// ---- attention
+
+LlamaAttentionImpl::LlamaAttentionImpl(const LlamaConfig& config_) : config(config_) { reset(); }
+
+void LlamaAttentionImpl::reset() {
+  const int64_t C = config.hidden_size, D = config.resolved_head_dim();
+  q_proj = register_module("q_proj", torch::nn::Linear(linear(C, config.num_attention_heads * D)));
+  k_proj = register_module("k_proj", torch::nn::Linear(linear(C, config.num_key_value_heads * D)));
+  v_proj = register_module("v_proj", torch::nn::Linear(linear(C, config.num_key_value_heads * D)));
+  o_proj = register_module("o_proj", torch::nn::Linear(linear(config.num_attention_heads * D, C)));
+  attention = register_module("attention", nn::BlockwiseAttention(nn::BlockwiseAttentionOptions()
+                                                                       .causal(true)
+                                                                       .q_chunk(config.q_chunk_size)
+                                                                       .k_chunk(config.k_chunk_size)));
+}
+
+at::Tensor LlamaAttentionImpl::forward(const at::Tensor& x, const LayerInputs& inputs, int64_t layer) {
+  const int64_t B = x.size(0), T = x.size(1), D = config.resolved_head_dim();
+  const int64_t H = config.num_attention_heads, Hkv = config.num_key_value_heads;
+  const at::Tensor q = ops::rotary(q_proj(x).view({B, T, H, D}).transpose(1, 2), inputs.cos, inputs.sin);
+  at::Tensor k = ops::rotary(k_proj(x).view({B, T, Hkv, D}).transpose(1, 2), inputs.cos, inputs.sin);
+  at::Tensor v = v_proj(x).view({B, T, Hkv, D}).transpose(1, 2);
+  int64_t kv_offset = 0;
+  if (KVCache* cache = inputs.cache) {
+    // Append this step's keys and values; attend over everything cached so far.
+    kv_offset = cache->length;
+    cache->keys[layer].narrow(2, kv_offset, T).copy_(k);
+    cache->values[layer].narrow(2, kv_offset, T).copy_(v);
+    k = cache->keys[layer].narrow(2, 0, kv_offset + T);
+    v = cache->values[layer].narrow(2, 0, kv_offset + T);
+  }
+  const at::Tensor out = attention(q, k, v, inputs.segment_ids, kv_offset);  // [B, H, T, D]
+  return o_proj(out.transpose(1, 2).reshape({B, T, H * D}));
+}
+
+// ---- decoder layer
+
+LlamaDecoderLayerImpl::LlamaDecoderLayerImpl(const LlamaConfig& config_, int64_t index_)
+    : config(config_), index(index_) {
+  reset();
+}
+
+void LlamaDecoderLayerImpl::reset() {
+  // Registered in Hugging Face's order, so parameters() lists them as its named_parameters().
+  const int64_t C = config.hidden_size;
+  self_attn = register_module("self_attn", LlamaAttention(config));
+  mlp = register_module("mlp", nn::BlockwiseFeedForward(nn::BlockwiseFeedForwardOptions(C, config.intermediate_size)
+                                                            .chunk(config.ffn_chunk_size)));
+  input_layernorm = register_module("input_layernorm", nn::RMSNorm(nn::RMSNormOptions(C).eps(config.rms_norm_eps)));
+  post_attention_layernorm =
+      register_module("post_attention_layernorm", nn::RMSNorm(nn::RMSNormOptions(C).eps(config.rms_norm_eps)));
+}
+
+at::Tensor LlamaDecoderLayerImpl::forward(const at::Tensor& h, const LayerInputs& inputs) {
+  const at::Tensor after_attention = h + self_attn(input_layernorm(h), inputs, index);
+  return after_attention + mlp(post_attention_layernorm(after_attention));
+}
+
+// ---- model
+
+LlamaModelImpl::LlamaModelImpl(const LlamaConfig& config_) : config(config_) { reset(); }
+
+void LlamaModelImpl::reset() {
+  config.validate();
+  embed_tokens = register_module("embed_tokens", torch::nn::Embedding(config.vocab_size, config.hidden_size));
+  layers = register_module("layers", torch::nn::ModuleList());
+  for (int64_t i = 0; i < config.num_hidden_layers; ++i) layers->push_back(LlamaDecoderLayer(config, i));
+  norm = register_module("norm", nn::RMSNorm(nn::RMSNormOptions(config.hidden_size).eps(config.rms_norm_eps)));
+  rotary = register_module("rotary", nn::Rotary(nn::RotaryOptions(config.resolved_head_dim())
+                                                    .theta(config.rope_theta)
+                                                    .scaling(config.rope_scaling)));
+}
+
+at::Tensor LlamaModelImpl::forward(const at::Tensor& input_ids, const std::optional<at::Tensor>& segment_ids,
+                                   const std::optional<at::Tensor>& position_ids, KVCache* cache) {
+  TORCH_CHECK(input_ids.dim() == 2 && !at::isFloatingType(input_ids.scalar_type()),
+              "LlamaModel: input_ids must be integer [B, T], got ", input_ids.scalar_type(), " ", input_ids.sizes());
+  const int64_t B = input_ids.size(0), T = input_ids.size(1);
+  TORCH_CHECK(T > 0, "LlamaModel: input_ids is empty");
+  const auto [min_id, max_id] = at::aminmax(input_ids);
+  TORCH_CHECK(min_id.item<int64_t>() >= 0 && max_id.item<int64_t>() < config.vocab_size, "LlamaModel: token ids [",
+              min_id.item<int64_t>(), ", ", max_id.item<int64_t>(), "] outside the vocabulary [0, ", config.vocab_size,
+              ")");
+  for (const auto* ids : {&segment_ids, &position_ids}) {
+    TORCH_CHECK(!ids->has_value() || (*ids)->sizes() == input_ids.sizes(), "LlamaModel: segment_ids and position_ids "
+                "must be [B, T] = ", input_ids.sizes(), ", got ", (*ids)->sizes());
+  }
+
+  LayerInputs inputs;
+  inputs.cache = cache;
+  at::Tensor positions;
+  if (cache != nullptr) {
+    const int64_t offset = cache->length;
+    TORCH_CHECK(cache->keys.size() == layers->size() && cache->segment_ids.size(0) == B,
+                "LlamaModel: the cache was made for another model or batch size");
+    TORCH_CHECK(offset + T <= cache->capacity(), "LlamaModel: ", offset, " cached + ", T, " new tokens exceed the "
+                "cache's capacity of ", cache->capacity());
+    if (segment_ids) cache->segment_ids.narrow(1, offset, T).copy_(*segment_ids);
+    if (segment_ids || cache->uses_segments) {
+      cache->uses_segments = true;
+      inputs.segment_ids = cache->segment_ids.narrow(1, 0, offset + T);
+    }
+    positions = position_ids ? *position_ids
+                             : at::arange(offset, offset + T, input_ids.options().dtype(at::kLong)).expand({B, T});
+  } else {
+    inputs.segment_ids = segment_ids;
+    positions = position_ids ? *position_ids
+                : segment_ids ? positions_from_segments(*segment_ids)
+                              : at::arange(T, input_ids.options().dtype(at::kLong)).expand({B, T});
+  }
+
+  at::Tensor h = embed_tokens(input_ids);
+  std::tie(inputs.cos, inputs.sin) = rotary->cos_sin(positions, h.scalar_type());
+  for (const auto& layer : *layers) h = layer->as<LlamaDecoderLayer>()->forward(h, inputs);
+  if (cache != nullptr) cache->length += T;
+  return norm(h);
+}
+
+// ---- causal LM
+
+LlamaForCausalLMImpl::LlamaForCausalLMImpl(const LlamaConfig& config_) : config(config_) { reset(); }
+
+void LlamaForCausalLMImpl::reset() {
+  model = register_module("model", LlamaModel(config));
+  lm_head = register_module("lm_head", nn::ChunkedLMHeadLoss(nn::ChunkedLMHeadLossOptions(config.hidden_size,
+                                                                                          config.vocab_size)
+                                                                 .chunk(config.loss_chunk_size)
+                                                                 .float32_logits(config.float32_logits)));
+  if (config.tie_word_embeddings) lm_head->tie(model->embed_tokens->weight);
+  reset_parameters();
+  // Parameters only: the rotary frequencies stay fp32, as Hugging Face keeps them.
+  at::NoGradGuard no_grad;
+  for (at::Tensor& parameter : parameters()) parameter.set_data(parameter.to(config.dtype));
+}
+
+void LlamaForCausalLMImpl::reset_parameters() {
+  at::NoGradGuard no_grad;
+  for (at::Tensor& parameter : parameters()) {
+    if (parameter.dim() == 1) {
+      parameter.fill_(1.0);  // RMSNorm weights; LLaMA has no biases
+    } else {
+      parameter.normal_(0.0, config.initializer_range);
+    }
+  }
+}
+
+void LlamaForCausalLMImpl::pretty_print(std::ostream& stream) const {
+  stream << "bpt::models::llama::LlamaForCausalLM(layers=" << config.num_hidden_layers
+         << ", hidden=" << config.hidden_size << ", heads=" << config.num_attention_heads << "/"
+         << config.num_key_value_heads << ", vocab=" << config.vocab_size << ", dtype=" << dtype_string(config.dtype)
+         << ")";
+}
+
+nn::LMLoss LlamaForCausalLMImpl::forward(const at::Tensor& input_ids, const at::Tensor& targets,
+                                         const std::optional<at::Tensor>& segment_ids,
+                                         const std::optional<at::Tensor>& position_ids) {
+  return lm_head(model(input_ids, segment_ids, position_ids), targets);
+}
+
+at::Tensor LlamaForCausalLMImpl::logits(const at::Tensor& input_ids, const std::optional<at::Tensor>& segment_ids,
+                                        const std::optional<at::Tensor>& position_ids, KVCache* cache,
+                                        bool last_only) {
+  at::Tensor h = model(input_ids, segment_ids, position_ids, cache);
+  if (last_only) h = h.narrow(1, h.size(1) - 1, 1);
+  const at::Tensor logits = lm_head->logits(h);
+  return config.float32_logits ? logits.to(at::kFloat) : logits;
+}
+
+KVCache LlamaForCausalLMImpl::make_cache(int64_t batch, int64_t capacity) const {
+  TORCH_CHECK(batch > 0 && capacity > 0, "make_cache: batch and capacity must be positive");
+  const auto options = lm_head->weight.options().requires_grad(false);
+  KVCache cache;
+  for (int64_t i = 0; i < config.num_hidden_layers; ++i) {
+    cache.keys.push_back(
+        at::zeros({batch, config.num_key_value_heads, capacity, config.resolved_head_dim()}, options));
+    cache.values.push_back(at::zeros_like(cache.keys.back()));
+  }
+  cache.segment_ids = at::zeros({batch, capacity}, options.dtype(at::kLong));
+  return cache;
+}
+
+}  // namespace bpt::models::llama

@@ -1,0 +1,125 @@
+#pragma once
+// LLaMA as torch::nn modules over the BPT modules, parameter names equal to Hugging Face's
+// LlamaForCausalLM (model.layers.{i}.self_attn.q_proj.weight, ...), so state dicts map 1:1.
+//
+//   input_ids [B, T] -> embed_tokens -> layers x N -> norm -> lm_head: loss (training,
+//   chunked, no [T, vocab] logits) or logits (inference)
+//   layer: h += o_proj(attention(rotary(q_proj(rms(h))), rotary(k_proj(.)), v_proj(.)))
+//          h += mlp(rms(h))                                     (SwiGLU, blockwise)
+//
+// Packed sequences: segment_ids [B, T] keep attention inside each document and restart the
+// position ids at each document's first token. The model knows nothing of parallelism or I/O.
+#include <ATen/core/Tensor.h>
+#include <torch/nn/cloneable.h>
+#include <torch/nn/modules/container/modulelist.h>
+#include <torch/nn/modules/embedding.h>
+#include <torch/nn/modules/linear.h>
+#include <torch/nn/pimpl.h>
+
+#include <optional>
+#include <vector>
+
+#include "csrc/nn/blockwise_attention.h"
+#include "csrc/nn/blockwise_feed_forward.h"
+#include "csrc/nn/chunked_lm_head_loss.h"
+#include "csrc/nn/rms_norm.h"
+#include "csrc/nn/rotary.h"
+#include "models/llama/config.h"
+
+namespace bpt::models::llama {
+
+// Keys and values of every layer for incremental decoding, preallocated to `capacity` tokens.
+struct KVCache {
+  std::vector<at::Tensor> keys, values;  // per layer [B, Hkv, capacity, head_dim]
+  at::Tensor segment_ids;                // [B, capacity] int64
+  int64_t length = 0;                    // tokens cached so far
+  bool uses_segments = false;            // segment ids were given: mask by them
+
+  int64_t capacity() const { return segment_ids.size(1); }
+};
+
+// What every layer needs besides the hidden state: rotary angles and the document mask.
+struct LayerInputs {
+  at::Tensor cos, sin;                    // [B, T, head_dim]
+  std::optional<at::Tensor> segment_ids;  // [B, S] over the keys (with a cache: all cached keys)
+  KVCache* cache = nullptr;               // set when decoding incrementally
+};
+
+class LlamaAttentionImpl : public torch::nn::Cloneable<LlamaAttentionImpl> {
+ public:
+  explicit LlamaAttentionImpl(const LlamaConfig& config);
+  void reset() override;
+  // x [B, T, hidden] -> [B, T, hidden]; `layer` indexes the cache.
+  at::Tensor forward(const at::Tensor& x, const LayerInputs& inputs, int64_t layer);
+
+  LlamaConfig config;
+  torch::nn::Linear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, o_proj{nullptr};
+  nn::BlockwiseAttention attention{nullptr};
+};
+TORCH_MODULE(LlamaAttention);
+
+class LlamaDecoderLayerImpl : public torch::nn::Cloneable<LlamaDecoderLayerImpl> {
+ public:
+  LlamaDecoderLayerImpl(const LlamaConfig& config, int64_t index);
+  void reset() override;
+  // h [B, T, hidden] -> [B, T, hidden]
+  at::Tensor forward(const at::Tensor& h, const LayerInputs& inputs);
+
+  LlamaConfig config;
+  int64_t index;
+  nn::RMSNorm input_layernorm{nullptr}, post_attention_layernorm{nullptr};
+  LlamaAttention self_attn{nullptr};
+  nn::BlockwiseFeedForward mlp{nullptr};
+};
+TORCH_MODULE(LlamaDecoderLayer);
+
+class LlamaModelImpl : public torch::nn::Cloneable<LlamaModelImpl> {
+ public:
+  explicit LlamaModelImpl(const LlamaConfig& config);
+  void reset() override;
+  // input_ids [B, T] -> final hidden states [B, T, hidden], normalised. position_ids default
+  // to 0.. per document of segment_ids (after the cached tokens when decoding with `cache`).
+  at::Tensor forward(const at::Tensor& input_ids, const std::optional<at::Tensor>& segment_ids = std::nullopt,
+                     const std::optional<at::Tensor>& position_ids = std::nullopt, KVCache* cache = nullptr);
+
+  LlamaConfig config;
+  torch::nn::Embedding embed_tokens{nullptr};
+  torch::nn::ModuleList layers{nullptr};
+  nn::RMSNorm norm{nullptr};
+  nn::Rotary rotary{nullptr};
+};
+TORCH_MODULE(LlamaModel);
+
+class LlamaForCausalLMImpl : public torch::nn::Cloneable<LlamaForCausalLMImpl> {
+ public:
+  explicit LlamaForCausalLMImpl(const LlamaConfig& config);
+  void reset() override;
+  // Hugging Face's initialisation: linear and embedding weights ~ N(0, initializer_range),
+  // norm weights 1.
+  void reset_parameters();
+  void pretty_print(std::ostream& stream) const override;
+
+  // Training: targets [B, T] (ignore_index -100 where no loss) -> mean loss over counted
+  // tokens, without [B, T, vocab] logits.
+  nn::LMLoss forward(const at::Tensor& input_ids, const at::Tensor& targets,
+                     const std::optional<at::Tensor>& segment_ids = std::nullopt,
+                     const std::optional<at::Tensor>& position_ids = std::nullopt);
+  // Inference: logits [B, T, vocab] (fp32 when float32_logits), or of the last position
+  // only ([B, 1, vocab]) when `last_only`.
+  at::Tensor logits(const at::Tensor& input_ids, const std::optional<at::Tensor>& segment_ids = std::nullopt,
+                    const std::optional<at::Tensor>& position_ids = std::nullopt, KVCache* cache = nullptr,
+                    bool last_only = false);
+
+  // An empty cache for `batch` sequences of up to `capacity` tokens, in the model's dtype.
+  KVCache make_cache(int64_t batch, int64_t capacity) const;
+
+  LlamaConfig config;
+  LlamaModel model{nullptr};
+  nn::ChunkedLMHeadLoss lm_head{nullptr};
+};
+TORCH_MODULE(LlamaForCausalLM);
+
+// Position ids that restart at 0 where segment_ids [B, T] changes value.
+at::Tensor positions_from_segments(const at::Tensor& segment_ids);
+
+}  // namespace bpt::models::llama
