@@ -1,0 +1,54 @@
+// bpt-convert: converts LLaMA checkpoints between Hugging Face's directory layout and bpt's
+// (the same safetensors with bpt's fields in config.json), changing dtype and shard size.
+//
+//   bpt-convert --input hf/Llama-2-7b --output ckpt/llama2-7b --dtype bfloat16
+//   bpt-convert --input ckpt/run/step-1000 --output export/hf --format hf
+
+#include <cstdio>
+
+#include "apps/app.h"
+#include "csrc/io/hf_checkpoint.h"
+#include "models/llama/llama.h"
+
+namespace {
+
+int convert(int argc, char** argv) {
+  CLI::App app{"Convert a LLaMA checkpoint between Hugging Face and bpt layouts", "bpt-convert"};
+  std::string input, output, format = "bpt", dtype, max_shard_size = "5GB";
+  app.add_option("--input", input, "Source directory: config.json + model.safetensors (or shards + index)")
+      ->required();
+  app.add_option("--output", output, "Destination directory (created; weight files in it are replaced)")->required();
+  app.add_option("--format", format, "Destination layout: bpt (config.json keeps bpt's chunk sizes) or hf")
+      ->check(CLI::IsMember({"bpt", "hf"}))
+      ->capture_default_str();
+  app.add_option("--dtype", dtype, "Stored dtype: float32, bfloat16 or float16 (default: the source's)");
+  app.add_option("--max_shard_size", max_shard_size, "Shard the weights past this size (e.g. 5GB, 500MB, 2GiB)")
+      ->capture_default_str();
+  app.footer("Any --llama.<field>=value (see bpt-generate --help) overrides a config field, e.g. chunk sizes.");
+  if (const int code = bpt::app::parse(app, argc, argv); code >= 0) return code;
+
+  bpt::models::llama::LlamaConfig config = bpt::io::read_llama_config(input);
+  bpt::app::apply_llama_overrides(app, app.remaining(), config);
+  config.validate();
+  bpt::io::SaveOptions options;
+  if (!dtype.empty()) options.dtype = bpt::models::llama::parse_dtype(dtype, "--dtype");
+  options.max_shard_bytes = bpt::parse_bytes(max_shard_size, "--max_shard_size");
+  options.bpt_fields = format == "bpt";
+
+  bpt::models::llama::LlamaForCausalLM model(config);
+  bpt::io::load_llama_weights(*model, input);
+  bpt::io::save_llama(*model, output, options);
+  bpt::io::copy_tokenizer_files(input, output);
+  int64_t parameters = 0;
+  for (const at::Tensor& parameter : model->parameters()) parameters += parameter.numel();
+  std::printf("bpt-convert: %s -> %s (%s, %s, %lld parameters)\n", input.c_str(), output.c_str(), format.c_str(),
+              bpt::models::llama::dtype_string(options.dtype.value_or(config.dtype)).c_str(),
+              static_cast<long long>(parameters));
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  return bpt::app::run("bpt-convert", [&] { return convert(argc, argv); });
+}
