@@ -11,7 +11,8 @@ DEBS=(build-essential cmake ninja-build ccache pkg-config
       libcli11-dev libtomlplusplus-dev nlohmann-json3-dev libgloo-dev)
 # Pinned exactly: a range would pull a multi-GB CUDA build of torch.
 TORCH_SPEC="torch==2.13.0"
-PY_PKGS=(numpy pytest)
+# transformers: the reference the LLaMA tests compare against (it brings safetensors).
+PY_PKGS=(numpy pytest transformers==5.24.0)
 
 missing=()
 for p in "${DEBS[@]}"; do

@@ -69,10 +69,14 @@ size_t edit_distance(const std::string& a, const std::string& b) {
 }  // namespace
 
 std::string nearest_name(const std::string& name, const std::vector<std::string>& candidates) {
+  const auto lower = [](std::string text) {
+    std::transform(text.begin(), text.end(), text.begin(), [](unsigned char c) { return std::tolower(c); });
+    return text;
+  };
   std::string best;
-  size_t best_distance = name.size() / 3 + 1;
+  size_t best_distance = std::max<size_t>(2, name.size() / 3 + 1);  // closer than this, or no suggestion
   for (const std::string& candidate : candidates) {
-    const size_t distance = edit_distance(name, candidate);
+    const size_t distance = edit_distance(lower(name), lower(candidate));
     if (distance < best_distance) {
       best = candidate;
       best_distance = distance;

@@ -15,8 +15,8 @@ bool parse_bool(const std::string& text, const std::string& field);  // true/fal
 // A byte count: "1234", "500MB", "5GB" (powers of 1000), "2GiB", "512KiB" (powers of 1024).
 int64_t parse_bytes(const std::string& text, const std::string& field);
 
-// The candidate closest to `name` by edit distance, or "" if none is close (more than a third
-// of the name differs).
+// The candidate closest to `name` by case-blind edit distance, or "" if none is close (about a
+// third of the name differs).
 std::string nearest_name(const std::string& name, const std::vector<std::string>& candidates);
 
 // "unknown <what> 'x'" plus "; did you mean 'y'?" when a near name exists.

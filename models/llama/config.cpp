@@ -176,7 +176,16 @@ std::vector<std::pair<std::string, std::string>> LlamaConfig::fields() const {
 }
 
 void LlamaConfig::update(const std::string& assignments) {
-  for (const std::string& assignment : split(assignments, ',')) {
+  // "a=1,eos_token_ids=2,3,b=4": a piece without '=' continues the previous value (a list).
+  std::vector<std::string> merged;
+  for (const std::string& piece : split(assignments, ',')) {
+    if (piece.find('=') == std::string::npos && !merged.empty()) {
+      merged.back() += "," + piece;
+    } else {
+      merged.push_back(piece);
+    }
+  }
+  for (const std::string& assignment : merged) {
     const size_t equals = assignment.find('=');
     if (equals == std::string::npos) {
       throw_input_error("update_llama_config: expected field=value, got '{}'", assignment);
