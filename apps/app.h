@@ -84,8 +84,10 @@ inline void apply_llama_overrides(const CLI::App& app, const std::vector<std::st
 
 // "--llama.<field>  <current value>" lines for --help.
 inline std::string llama_fields_help(const models::llama::LlamaConfig& config) {
-  std::string text = "LLaMA config overrides (--llama.<field>=value; defaults from the checkpoint's config.json):\n";
-  for (const auto& [field, value] : config.fields()) text += "  --llama." + field + " (" + value + ")\n";
+  std::string text =
+      "LLaMA config overrides, --llama.<field>=value (in brackets: bpt's defaults; the checkpoint's config.json\n"
+      "replaces them, and these flags replace that):\n";
+  for (const auto& [field, value] : config.fields()) text += "  --llama." + field + " [" + value + "]\n";
   return text;
 }
 

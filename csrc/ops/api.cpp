@@ -93,4 +93,13 @@ std::tuple<at::Tensor, at::Tensor> chunked_lm_loss_backward(const at::Tensor& gr
   return op.call(grad_loss, h, w_head, targets, chunk, ignore_index, z_loss, float32_logits);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> chunked_lm_loss_with_grad(
+    const at::Tensor& h, const at::Tensor& w_head, const at::Tensor& targets, int64_t chunk, int64_t ignore_index,
+    double z_loss, bool float32_logits) {
+  static const auto op = op_handle<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t, double, bool)>(
+      "bpt::chunked_lm_loss_with_grad");
+  return op.call(h, w_head, targets, chunk, ignore_index, z_loss, float32_logits);
+}
+
 }  // namespace bpt::ops

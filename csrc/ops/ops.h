@@ -56,4 +56,9 @@ std::tuple<at::Tensor, at::Tensor> chunked_lm_loss_backward(const at::Tensor& gr
                                                             int64_t chunk, int64_t ignore_index, double z_loss,
                                                             bool float32_logits);
 
+// The loss and d loss / d (h, w_head) for grad_loss = 1, in one pass over the logits.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> chunked_lm_loss_with_grad(
+    const at::Tensor& h, const at::Tensor& w_head, const at::Tensor& targets, int64_t chunk, int64_t ignore_index,
+    double z_loss, bool float32_logits);
+
 }  // namespace bpt::ops

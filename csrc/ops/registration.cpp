@@ -27,4 +27,8 @@ TORCH_LIBRARY(bpt, m) {
   m.def(
       "chunked_lm_loss_backward(Tensor grad_loss, Tensor h, Tensor w_head, Tensor targets, *, int chunk, "
       "int ignore_index=-100, float z_loss=0.0, bool float32_logits=True) -> (Tensor grad_h, Tensor grad_w_head)");
+  m.def(
+      "chunked_lm_loss_with_grad(Tensor h, Tensor w_head, Tensor targets, *, int chunk, int ignore_index=-100, "
+      "float z_loss=0.0, bool float32_logits=True) -> (Tensor loss, Tensor n_tokens, Tensor n_correct, "
+      "Tensor grad_h, Tensor grad_w_head)");
 }

@@ -87,6 +87,33 @@ def test_opcheck():
     torch.library.opcheck(loss_op.default, (h, w, t3), {"chunk": -1, "z_loss": 1e-3, "ignore_index": 3})
 
 
+@pytest.mark.parametrize("z_loss", [0.0, 1e-2])
+def test_with_grad_equals_loss_and_the_recomputing_backward(z_loss):
+    """The fused op (what autograd's forward runs) against the plain op and the backward op."""
+    h, w, t = problem()
+    h, w = h.detach(), w.detach()
+    loss, n, correct, dh, dw = torch.ops.bpt.chunked_lm_loss_with_grad(h, w, t, chunk=4, z_loss=z_loss)
+    ref_loss, ref_n, ref_correct = loss_op(h, w, t, chunk=4, z_loss=z_loss)
+    assert torch.equal(loss, ref_loss) and n == ref_n and correct == ref_correct
+    ref_dh, ref_dw = torch.ops.bpt.chunked_lm_loss_backward(torch.tensor(1.0, dtype=h.dtype), h, w, t, chunk=4,
+                                                            z_loss=z_loss)
+    torch.testing.assert_close(dh, ref_dh, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(dw, ref_dw, rtol=1e-12, atol=1e-14)
+
+
+def test_opcheck_with_grad():
+    h, w, t = problem(N=10, D=8, V=20, dtype=torch.float32)
+    torch.library.opcheck(torch.ops.bpt.chunked_lm_loss_with_grad.default, (h.detach(), w.detach(), t), {"chunk": 4})
+
+
+def test_no_grad_forward_saves_nothing_and_matches():
+    h, w, t = problem(dtype=torch.float32)
+    with torch.no_grad():
+        loss, _, _ = loss_op(h, w, t, chunk=4)
+    assert loss.grad_fn is None
+    torch.testing.assert_close(loss, loss_op(h, w, t, chunk=4)[0])
+
+
 def test_torch_compile_backward():
     h, w, t = problem(N=12, D=8, V=20, dtype=torch.float32)
     f = lambda a, b: loss_op(a, b, t, chunk=5)[0]  # noqa: E731

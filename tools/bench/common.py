@@ -127,7 +127,8 @@ def write_records(path: Path, records: list) -> None:
     print(f"wrote {path}")
 
 
-def main(script: str, cases, phases, run_phase, add_args=None) -> None:
+def main(script: str, cases, phases, run_phase, add_args=None, annotate=None) -> None:
+    """annotate(record), if given, adds derived fields (e.g. tokens_per_s) to each record."""
     bench = Path(script).stem
     parser = argparse.ArgumentParser(description=f"bpt benchmark: {bench}")
     parser.add_argument("--quick", action="store_true", help="a few small cases (well under 3 minutes)")
@@ -164,6 +165,8 @@ def main(script: str, cases, phases, run_phase, add_args=None) -> None:
         if done:
             record["ms"] = record[f"{done[0]}_ms"]
             record["peak_mb"] = max(record[f"{p}_peak_mb"] for p in done)
+            if annotate:
+                annotate(record)
         records.append(record)
         shown = ", ".join(f"{p} {record[f'{p}_ms']:.2f} ms" for p in done) or "skipped"
         print(f"  {record['impl']:>9} {json.dumps(record['params'])}: {shown}", flush=True)

@@ -5,11 +5,14 @@
 //   h [N, D] (any leading dims), w_head [V, D], targets [N] int64 (ignore_index skipped)
 //   per chunk: logits = h w_head^T [chunk, V], lse = logsumexp(logits)
 //   loss = (sum_valid (lse - logit[target]) + z_loss * sum_valid lse^2) / n_valid
-// The backward recomputes each chunk's logits: dlogits = softmax * (1 + 2 z_loss lse) - onehot.
+// dlogits = softmax * (1 + 2 z_loss lse) - onehot. Training computes the loss and its gradients
+// in the one pass (chunked_lm_loss_with_grad); chunked_lm_loss_backward recomputes the logits.
 
 #include <ATen/ATen.h>  // mm, logsumexp, gather, scatter_add, where, ...
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
+
+#include <optional>
 
 #include "csrc/ops/checks.h"
 #include "csrc/ops/weight_grad.h"
@@ -80,29 +83,75 @@ at::Tensor chunk_logits(const at::Tensor& hc, const at::Tensor& w_head, bool flo
   return float32_logits && is_reduced_float(logits) ? logits.to(at::kFloat) : logits;
 }
 
+// One pass over the chunks of logits. With `loss`, accumulates the cross-entropy (and z-loss)
+// sums and the correct count; with `grad_coef` (d loss_total / d loss_sum: grad_loss / n_valid),
+// turns each chunk's logits into dlogits in place and accumulates grad_h and grad_w_head, so
+// the loss and its gradients can share one GEMM for the logits.
+struct PassResult {
+  at::Tensor ce_sum, z_sum, n_correct;  // with loss
+  at::Tensor dh, dw;                    // with grad_coef
+};
+
+PassResult chunked_pass(const Rows& rows, const at::Tensor& w_head, double z_loss, bool float32_logits, bool loss,
+                        const std::optional<at::Tensor>& grad_coef) {
+  const auto acc = accumulate_type(rows.h);
+  PassResult r;
+  if (loss) {
+    r.ce_sum = at::zeros({}, rows.h.options().dtype(acc));
+    r.z_sum = at::zeros({}, rows.h.options().dtype(acc));
+    r.n_correct = at::zeros({}, rows.h.options().dtype(at::kLong));
+  }
+  if (grad_coef) {
+    r.dw = at::zeros(w_head.sizes(), w_head.options().dtype(acc));
+    r.dh = at::empty(rows.h.sizes(), rows.h.options());
+  }
+  for (int64_t start = 0; start < rows.n; start += rows.step) {
+    const int64_t len = std::min(rows.step, rows.n - start);
+    const at::Tensor hc = rows.h.narrow(0, start, len);
+    at::Tensor logits = chunk_logits(hc, w_head, float32_logits);
+    const at::Tensor t = rows.safe_targets.narrow(0, start, len), valid = rows.valid.narrow(0, start, len);
+    // Few passes over the [len, V] block, in place: max (and argmax), exp(logits - max), sum.
+    const auto [row_max, argmax] = logits.max(1, /*keepdim=*/true);  // [len, 1]
+    const at::Tensor target_logit = logits.gather(1, t.unsqueeze(1));
+    const at::Tensor exps = logits.sub_(row_max).exp_();
+    const at::Tensor sum = exps.sum(1, /*keepdim=*/true);
+    const at::Tensor lse = (sum.to(acc).log() + row_max.to(acc)).squeeze(1);  // [len]
+    if (loss) {
+      r.ce_sum.add_(at::where(valid, lse - target_logit.squeeze(1).to(acc), 0).sum());
+      if (z_loss > 0) r.z_sum.add_(at::where(valid, lse * lse, 0).sum());
+      r.n_correct.add_((argmax.squeeze(1) == t).logical_and_(valid).sum());
+    }
+    if (!grad_coef) continue;
+    // d loss / d logit = coef * (softmax * (1 + 2 z_loss lse) - onehot(target)) on valid rows,
+    // built in place from exps: one [chunk, V] buffer.
+    const at::Tensor row_coef = valid.to(acc) * *grad_coef;  // [len]
+    at::Tensor row_scale = row_coef / sum.squeeze(1).to(acc);
+    if (z_loss > 0) row_scale = row_scale * (lse * (2 * z_loss) + 1);
+    at::Tensor dlogits = exps.mul_(row_scale.unsqueeze(1).to(exps.scalar_type()));
+    dlogits.scatter_add_(1, t.unsqueeze(1), (-row_coef).unsqueeze(1).to(dlogits.scalar_type()));
+    const at::Tensor dl = dlogits.to(rows.h.scalar_type());
+    at::Tensor dh_chunk = r.dh.narrow(0, start, len);
+    at::mm_out(dh_chunk, dl, w_head);
+    add_transposed_product(r.dw, dl, hc);
+  }
+  return r;
+}
+
+// 1 / n_valid in the accumulation type; no valid target gives loss 0 (not NaN), so an
+// all-padding batch does not poison training.
+at::Tensor inverse_count(const Rows& rows, at::ScalarType acc) {
+  return 1.0 / rows.valid.sum().clamp_min(1).to(acc);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_impl(const at::Tensor& h, const at::Tensor& w_head,
                                                          const at::Tensor& targets, int64_t chunk,
                                                          int64_t ignore_index, double z_loss, bool float32_logits) {
   check_args(h, w_head, targets, chunk, z_loss);
   const Rows rows = as_rows(h, targets, chunk, ignore_index);
   check_targets(rows, w_head.size(0), ignore_index);
-  const auto acc = accumulate_type(h);
-  at::Tensor ce_sum = at::zeros({}, h.options().dtype(acc)), z_sum = at::zeros({}, h.options().dtype(acc));
-  at::Tensor n_correct = at::zeros({}, h.options().dtype(at::kLong));
-  for (int64_t start = 0; start < rows.n; start += rows.step) {
-    const int64_t len = std::min(rows.step, rows.n - start);
-    const at::Tensor logits = chunk_logits(rows.h.narrow(0, start, len), w_head, float32_logits);
-    const at::Tensor t = rows.safe_targets.narrow(0, start, len), valid = rows.valid.narrow(0, start, len);
-    const at::Tensor lse = at::logsumexp(logits, {1}).to(acc);
-    const at::Tensor target_logit = logits.gather(1, t.unsqueeze(1)).squeeze(1).to(acc);
-    ce_sum.add_(at::where(valid, lse - target_logit, 0).sum());
-    if (z_loss > 0) z_sum.add_(at::where(valid, lse * lse, 0).sum());
-    n_correct.add_((logits.argmax(1) == t).logical_and_(valid).sum());
-  }
-  const at::Tensor n_tokens = rows.valid.sum();
-  // No valid target: loss 0 (not NaN), so an all-padding batch does not poison training.
-  const at::Tensor loss = (ce_sum + z_sum * z_loss) / n_tokens.clamp_min(1).to(acc);
-  return {loss, n_tokens, n_correct};
+  const PassResult r = chunked_pass(rows, w_head, z_loss, float32_logits, /*loss=*/true, std::nullopt);
+  const at::Tensor loss = (r.ce_sum + r.z_sum * z_loss) * inverse_count(rows, accumulate_type(h));
+  return {loss, rows.valid.sum(), r.n_correct};
 }
 
 std::tuple<at::Tensor, at::Tensor> loss_backward_impl(const at::Tensor& grad_loss, const at::Tensor& h,
@@ -112,29 +161,24 @@ std::tuple<at::Tensor, at::Tensor> loss_backward_impl(const at::Tensor& grad_los
   check_args(h, w_head, targets, chunk, z_loss);
   check_grad_loss(grad_loss);
   const Rows rows = as_rows(h, targets, chunk, ignore_index);
-  // d loss / d logit = grad_loss / n_valid * (softmax * (1 + 2 z_loss lse) - onehot(target)), valid rows only.
   const auto acc = accumulate_type(h);
-  const at::Tensor coef = grad_loss.to(acc) / rows.valid.sum().clamp_min(1).to(acc);
-  at::Tensor dw = at::zeros(w_head.sizes(), w_head.options().dtype(acc));
-  at::Tensor dh = at::empty(rows.h.sizes(), h.options());
-  for (int64_t start = 0; start < rows.n; start += rows.step) {
-    const int64_t len = std::min(rows.step, rows.n - start);
-    const at::Tensor hc = rows.h.narrow(0, start, len);
-    at::Tensor logits = chunk_logits(hc, w_head, float32_logits);
-    const at::Tensor t = rows.safe_targets.narrow(0, start, len), valid = rows.valid.narrow(0, start, len);
-    const at::Tensor lse = at::logsumexp(logits, {1}, /*keepdim=*/true);
-    // logits becomes dlogits in place: one [chunk, V] buffer (plus the softmax's).
-    at::Tensor dlogits = logits.sub_(lse).exp_();
-    if (z_loss > 0) dlogits.mul_(lse.to(dlogits.scalar_type()) * (2 * z_loss) + 1);
-    dlogits.scatter_add_(1, t.unsqueeze(1),
-                         at::full({len, 1}, -1.0, dlogits.options()));
-    dlogits.mul_((valid.to(acc) * coef).unsqueeze(1).to(dlogits.scalar_type()));
-    const at::Tensor dl = dlogits.to(h.scalar_type());
-    at::Tensor dh_chunk = dh.narrow(0, start, len);
-    at::mm_out(dh_chunk, dl, w_head);
-    add_transposed_product(dw, dl, hc);
-  }
-  return {dh.view(h.sizes()), dw.to(w_head.scalar_type())};
+  const PassResult r = chunked_pass(rows, w_head, z_loss, float32_logits, /*loss=*/false,
+                                    grad_loss.to(acc) * inverse_count(rows, acc));
+  return {r.dh.view(h.sizes()), r.dw.to(w_head.scalar_type())};
+}
+
+// The loss and its gradients for grad_loss = 1 in one pass: three GEMMs per chunk instead of
+// the four of forward + backward (which recomputes the logits). Autograd uses it in training.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> loss_with_grad_impl(
+    const at::Tensor& h, const at::Tensor& w_head, const at::Tensor& targets, int64_t chunk, int64_t ignore_index,
+    double z_loss, bool float32_logits) {
+  check_args(h, w_head, targets, chunk, z_loss);
+  const Rows rows = as_rows(h, targets, chunk, ignore_index);
+  check_targets(rows, w_head.size(0), ignore_index);
+  const at::Tensor coef = inverse_count(rows, accumulate_type(h));
+  const PassResult r = chunked_pass(rows, w_head, z_loss, float32_logits, /*loss=*/true, coef);
+  const at::Tensor loss = (r.ce_sum + r.z_sum * z_loss) * coef;
+  return {loss, rows.valid.sum(), r.n_correct, r.dh.view(h.sizes()), r.dw.to(w_head.scalar_type())};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_meta(const at::Tensor& h, const at::Tensor& w_head,
@@ -143,6 +187,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_meta(const at::Tensor& h, co
   check_args(h, w_head, targets, chunk, z_loss);
   const auto scalar = [&](at::ScalarType t) { return at::empty({}, h.options().dtype(t)); };
   return {scalar(accumulate_type(h)), scalar(at::kLong), scalar(at::kLong)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> loss_with_grad_meta(
+    const at::Tensor& h, const at::Tensor& w_head, const at::Tensor& targets, int64_t chunk, int64_t ignore_index,
+    double z_loss, bool float32_logits) {
+  auto [loss, n_tokens, n_correct] = loss_meta(h, w_head, targets, chunk, ignore_index, z_loss, float32_logits);
+  return {loss, n_tokens, n_correct, at::empty_symint(h.sym_sizes(), h.options()),
+          at::empty_symint(w_head.sym_sizes(), w_head.options())};
 }
 
 std::tuple<at::Tensor, at::Tensor> loss_backward_meta(const at::Tensor& grad_loss, const at::Tensor& h,
@@ -154,33 +206,37 @@ std::tuple<at::Tensor, at::Tensor> loss_backward_meta(const at::Tensor& grad_los
   return {at::empty_symint(h.sym_sizes(), h.options()), at::empty_symint(w_head.sym_sizes(), w_head.options())};
 }
 
-// Saves the inputs only; no logits survive the forward.
+// No logits survive the forward. When h or w_head needs a gradient, the forward computes the
+// loss and its gradients together (chunked_lm_loss_with_grad) and the backward scales them by
+// grad_loss; otherwise it computes the loss alone and saves nothing.
 class ChunkedLMLossFunction : public torch::autograd::Function<ChunkedLMLossFunction> {
  public:
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& h,
                                                 const at::Tensor& w_head, const at::Tensor& targets, int64_t chunk,
                                                 int64_t ignore_index, double z_loss, bool float32_logits) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [loss, n_tokens, n_correct] =
-        ops::chunked_lm_loss(h, w_head, targets, chunk, ignore_index, z_loss, float32_logits);
-    ctx->save_for_backward({h, w_head, targets});
-    ctx->saved_data["chunk"] = chunk;
-    ctx->saved_data["ignore_index"] = ignore_index;
-    ctx->saved_data["z_loss"] = z_loss;
-    ctx->saved_data["float32_logits"] = float32_logits;
+    at::Tensor loss, n_tokens, n_correct;
+    if (h.requires_grad() || w_head.requires_grad()) {
+      at::Tensor grad_h, grad_w_head;
+      std::tie(loss, n_tokens, n_correct, grad_h, grad_w_head) =
+          ops::chunked_lm_loss_with_grad(h, w_head, targets, chunk, ignore_index, z_loss, float32_logits);
+      ctx->save_for_backward({grad_h, grad_w_head});
+    } else {
+      std::tie(loss, n_tokens, n_correct) =
+          ops::chunked_lm_loss(h, w_head, targets, chunk, ignore_index, z_loss, float32_logits);
+    }
     ctx->mark_non_differentiable({n_tokens, n_correct});
     return {loss, n_tokens, n_correct};
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
-    if (!grads[0].defined()) return std::vector<at::Tensor>(7);
+    std::vector<at::Tensor> result(7);
+    if (!grads[0].defined()) return result;
     const auto saved = ctx->get_saved_variables();
-    const auto& options = ctx->saved_data;
-    auto [dh, dw] = ops::chunked_lm_loss_backward(
-        grads[0], saved[0], saved[1], saved[2], options.at("chunk").toInt(), options.at("ignore_index").toInt(),
-        options.at("z_loss").toDouble(), options.at("float32_logits").toBool());
-    return {dh, dw, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    result[0] = saved[0] * grads[0].to(saved[0].scalar_type());
+    result[1] = saved[1] * grads[0].to(saved[1].scalar_type());
+    return result;
   }
 };
 
@@ -197,11 +253,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_autograd(const at::Tensor& h
 TORCH_LIBRARY_IMPL(bpt, CompositeExplicitAutograd, m) {
   m.impl("chunked_lm_loss", &loss_impl);
   m.impl("chunked_lm_loss_backward", &loss_backward_impl);
+  m.impl("chunked_lm_loss_with_grad", &loss_with_grad_impl);
 }
 
 TORCH_LIBRARY_IMPL(bpt, Meta, m) {
   m.impl("chunked_lm_loss", &loss_meta);
   m.impl("chunked_lm_loss_backward", &loss_backward_meta);
+  m.impl("chunked_lm_loss_with_grad", &loss_with_grad_meta);
 }
 
 TORCH_LIBRARY_IMPL(bpt, Autograd, m) { m.impl("chunked_lm_loss", &loss_autograd); }
