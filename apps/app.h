@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <exception>
+#include <filesystem>
 #include <functional>
 #include <string>
 #include <vector>
@@ -24,6 +25,9 @@ inline int run(const char* name, const std::function<int()>& body) {
     return body();
   } catch (const InputError& e) {
     std::fprintf(stderr, "%s: error: %s\n", name, e.what());
+    return 2;
+  } catch (const std::filesystem::filesystem_error& e) {
+    std::fprintf(stderr, "%s: error: %s: %s\n", name, e.path1().c_str(), e.code().message().c_str());
     return 2;
   } catch (const c10::Error& e) {
     std::fprintf(stderr, "%s: internal error: %s\n", name, e.what_without_backtrace());

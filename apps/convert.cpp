@@ -17,7 +17,7 @@ int convert(int argc, char** argv) {
   std::string input, output, format = "bpt", dtype, max_shard_size = "5GB";
   app.add_option("--input", input, "Source directory: config.json + model.safetensors (or shards + index)")
       ->required();
-  app.add_option("--output", output, "Destination directory (created; weight files in it are replaced)")->required();
+  app.add_option("--output", output, "Destination directory, replaced as a whole (atomically) if it exists")->required();
   app.add_option("--format", format, "Destination layout: bpt (config.json keeps bpt's chunk sizes) or hf")
       ->check(CLI::IsMember({"bpt", "hf"}))
       ->capture_default_str();
@@ -34,11 +34,11 @@ int convert(int argc, char** argv) {
   if (!dtype.empty()) options.dtype = bpt::models::llama::parse_dtype(dtype, "--dtype");
   options.max_shard_bytes = bpt::parse_bytes(max_shard_size, "--max_shard_size");
   options.bpt_fields = format == "bpt";
+  options.tokenizer_from = input;
 
-  bpt::models::llama::LlamaForCausalLM model(config);
+  bpt::models::llama::LlamaForCausalLM model(config, /*init_weights=*/false);
   bpt::io::load_llama_weights(*model, input);
   bpt::io::save_llama(*model, output, options);
-  bpt::io::copy_tokenizer_files(input, output);
   int64_t parameters = 0;
   for (const at::Tensor& parameter : model->parameters()) parameters += parameter.numel();
   std::printf("bpt-convert: %s -> %s (%s, %s, %lld parameters)\n", input.c_str(), output.c_str(), format.c_str(),

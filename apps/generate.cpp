@@ -26,6 +26,7 @@ std::vector<std::string> read_prompts(const std::string& path) {
   if (!stream) throw_input_error("{}: cannot open the prompt file", path);
   std::vector<std::string> prompts;
   for (std::string line; std::getline(stream, line);) {
+    if (!line.empty() && line.back() == '\r') line.pop_back();  // CRLF files
     if (!line.empty()) prompts.push_back(line);
   }
   if (prompts.empty()) throw_input_error("{}: no prompts (one per non-empty line)", path);
@@ -36,7 +37,9 @@ std::vector<std::string> read_prompts(const std::string& path) {
 // SentencePiece's spaces and multi-piece characters come out right.
 class TextStream {
  public:
-  explicit TextStream(const bpt::data::Tokenizer& tokenizer) : tokenizer_(tokenizer) {}
+  // Starts after `prompt_ids`, so the first new piece keeps its leading space.
+  TextStream(const bpt::data::Tokenizer& tokenizer, std::vector<int64_t> prompt_ids)
+      : tokenizer_(tokenizer), ids_(std::move(prompt_ids)), printed_(tokenizer.decode(ids_).size()) {}
   void push(int64_t id) {
     ids_.push_back(id);
     const std::string text = tokenizer_.decode(ids_);
@@ -50,7 +53,7 @@ class TextStream {
  private:
   const bpt::data::Tokenizer& tokenizer_;
   std::vector<int64_t> ids_;
-  size_t printed_ = 0;
+  size_t printed_;
 };
 
 int generate(int argc, char** argv) {
@@ -59,6 +62,7 @@ int generate(int argc, char** argv) {
   std::vector<std::string> prompts;
   bpt::generate::GenerateOptions options;
   bool use_cache = true, add_bos = true;
+  options.sampling.top_k = 50;  // transformers' default
   app.add_option("--model", model_dir, "Checkpoint directory (Hugging Face or bpt layout)")->required();
   app.add_option("--tokenizer", tokenizer_path, "SentencePiece model (default: <model>/tokenizer.model)");
   app.add_option("--prompt", prompts, "A prompt; repeat the flag for several");
@@ -67,7 +71,7 @@ int generate(int argc, char** argv) {
   app.add_flag("--do_sample,!--greedy", options.sampling.do_sample, "Sample (default: greedy, the argmax)");
   app.add_option("--temperature", options.sampling.temperature, "Divide logits by this before sampling")
       ->capture_default_str();
-  app.add_option("--top_k", options.sampling.top_k, "Sample among the k most likely tokens (0: all)")
+  app.add_option("--top_k", options.sampling.top_k, "Sample among the k most likely tokens (0: all; 50 as transformers)")
       ->capture_default_str();
   app.add_option("--top_p", options.sampling.top_p, "Sample from the smallest set with this much probability")
       ->capture_default_str();
@@ -100,15 +104,16 @@ int generate(int argc, char** argv) {
                       tokenizer_path, tokenizer.vocab_size(), config.vocab_size);
   }
   options.eos_ids = config.eos_token_ids;
+  options.sampling.vocab_limit = tokenizer.vocab_size();
 
-  bpt::models::llama::LlamaForCausalLM model(config);
+  bpt::models::llama::LlamaForCausalLM model(config, /*init_weights=*/false);
   bpt::io::load_llama_weights(*model, model_dir);
   model->eval();
   const auto decoder = bpt::generate::llama_decoder(model, use_cache);
 
   for (const std::string& prompt : prompts) {
     const std::vector<int64_t> prompt_ids = tokenizer.encode(prompt, add_bos);
-    TextStream stream(tokenizer);
+    TextStream stream(tokenizer, prompt_ids);
     if (output == "text") std::printf("%s", prompt.c_str());
     const auto start = std::chrono::steady_clock::now();
     const std::vector<int64_t> ids = bpt::generate::generate(*decoder, prompt_ids, options, [&](int64_t id) {
@@ -116,16 +121,17 @@ int generate(int argc, char** argv) {
       if (output == "text" && !eos) stream.push(id);
     });
     const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    std::vector<int64_t> text_ids = ids;
-    if (!text_ids.empty() && std::find(options.eos_ids.begin(), options.eos_ids.end(), text_ids.back()) !=
-                                 options.eos_ids.end()) {
-      text_ids.pop_back();
-    }
     if (output == "json") {
+      // "text": the continuation as text mode prints it after the prompt (EOS left out).
+      std::vector<int64_t> all_ids = prompt_ids;
+      for (const int64_t id : ids) {
+        if (std::find(options.eos_ids.begin(), options.eos_ids.end(), id) == options.eos_ids.end()) all_ids.push_back(id);
+      }
+      const std::string continuation = tokenizer.decode(all_ids).substr(tokenizer.decode(prompt_ids).size());
       const nlohmann::json line = {{"prompt", prompt},
                                    {"prompt_ids", prompt_ids},
                                    {"ids", ids},
-                                   {"text", tokenizer.decode(text_ids)},
+                                   {"text", continuation},
                                    {"tokens_per_s", ids.size() / seconds}};
       std::printf("%s\n", line.dump().c_str());
     } else {

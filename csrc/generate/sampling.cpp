@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 
 #include "csrc/common/error.h"
@@ -20,7 +21,10 @@ void validate(const SamplingOptions& options) {
 
 int64_t next_token(const at::Tensor& logits, const std::vector<int64_t>& context, const SamplingOptions& options,
                    at::Generator& generator) {
-  at::Tensor scores = logits.detach().to(at::kFloat).flatten().clone();  // [vocab]
+  at::Tensor scores = logits.detach().to(at::kCPU, at::kFloat).flatten().clone();  // [vocab]
+  if (options.vocab_limit > 0 && options.vocab_limit < scores.numel()) {
+    scores.narrow(0, options.vocab_limit, scores.numel() - options.vocab_limit).fill_(-INFINITY);
+  }
   if (options.repetition_penalty != 1.0 && !context.empty()) {
     std::vector<int64_t> ids = context;
     std::sort(ids.begin(), ids.end());

@@ -1,5 +1,5 @@
 #pragma once
-// Choosing the next token from logits, as Hugging Face's generate does: the repetition
+// Choosing the next token from logits in the order of Hugging Face's generate: the repetition
 // penalty first (CTRL: a seen token's logit divided by the penalty if positive, multiplied if
 // negative), then, when sampling, temperature, top-k and top-p (nucleus) filtering and a draw;
 // otherwise the argmax (greedy).
@@ -17,6 +17,7 @@ struct SamplingOptions {
   int64_t top_k = 0;                // 0: no top-k filter
   double top_p = 1.0;               // 1: no nucleus filter
   double repetition_penalty = 1.0;  // 1: none
+  int64_t vocab_limit = 0;          // > 0: never choose an id >= this (a tokenizer smaller than the model's vocab)
 };
 
 // Throws InputError naming the option that is out of range.

@@ -30,4 +30,22 @@ void write_file_atomically(const std::string& path, const std::string& text);
 // fsyncs a directory, so that renames inside it survive a power cut.
 void sync_directory(const std::string& dir);
 
+// A directory written as a whole: files go into `<dir>.tmp-<pid>` (path()), and commit()
+// swaps it with `dir` in one atomic rename (Linux renameat2 RENAME_EXCHANGE), then deletes
+// the old contents. A crash before commit leaves `dir` as it was.
+class AtomicDirectory {
+ public:
+  explicit AtomicDirectory(std::string dir);
+  ~AtomicDirectory();
+  AtomicDirectory(const AtomicDirectory&) = delete;
+  AtomicDirectory& operator=(const AtomicDirectory&) = delete;
+
+  const std::string& path() const { return temp_; }
+  void commit();
+
+ private:
+  std::string dir_, temp_;
+  bool committed_ = false;
+};
+
 }  // namespace bpt::io

@@ -79,11 +79,13 @@ void save_llama(const models::llama::LlamaForCausalLMImpl& model, const std::str
   for (const auto& item : model.named_parameters()) {
     tensors.emplace_back(models::llama::hf_name(item.key()), item.value().detach().to(at::kCPU, config.dtype));
   }
-  fs::create_directories(dir);
-  save_safetensors_dir(dir, tensors, options.max_shard_bytes, {{"format", "pt"}});
+  AtomicDirectory output(dir);
+  save_safetensors_dir(output.path(), tensors, options.max_shard_bytes, {{"format", "pt"}});
   nlohmann::json json = models::llama::to_hf_json(config);
   if (!options.bpt_fields) json.erase("bpt");
-  write_file_atomically((fs::path(dir) / "config.json").string(), json.dump(2) + "\n");
+  write_file_atomically((fs::path(output.path()) / "config.json").string(), json.dump(2) + "\n");
+  if (!options.tokenizer_from.empty()) copy_tokenizer_files(options.tokenizer_from, output.path());
+  output.commit();
 }
 
 void copy_tokenizer_files(const std::string& from, const std::string& to) {

@@ -26,9 +26,11 @@ struct SaveOptions {
   std::optional<c10::ScalarType> dtype;          // default: the model's
   int64_t max_shard_bytes = int64_t{5} << 30;     // Hugging Face's default shard size, 5 GiB
   bool bpt_fields = true;                         // write the "bpt" block into config.json
+  std::string tokenizer_from;                     // copy tokenizer files from this directory
 };
 
-// Writes config.json and the weights (HF names) into `dir`, each file atomically.
+// Writes config.json, the weights (HF names) and the tokenizer files as one directory `dir`,
+// atomically: a crash leaves the old `dir` or the complete new one (AtomicDirectory).
 void save_llama(const models::llama::LlamaForCausalLMImpl& model, const std::string& dir,
                 const SaveOptions& options = {});
 

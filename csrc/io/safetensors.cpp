@@ -60,9 +60,12 @@ TensorInfo parse_entry(const std::string& where, const json& entry, uint64_t dat
   info.dtype = *dtype;
   uint64_t numel = 1;
   for (const json& dim : *shape_it) {
-    if (!dim.is_number_unsigned()) throw_input_error("{}: shape {} has a dimension that is not a size", where, shape_it->dump());
+    if (!dim.is_number_unsigned() || dim.get<uint64_t>() > uint64_t(INT64_MAX) ||
+        __builtin_mul_overflow(numel, dim.get<uint64_t>(), &numel)) {
+      throw_input_error("{}: shape {} has a dimension that is not a size, or too many elements", where,
+                        shape_it->dump());
+    }
     info.shape.push_back(dim.get<int64_t>());
-    numel *= dim.get<uint64_t>();
   }
   for (const json& offset : *offsets_it) {
     if (!offset.is_number_unsigned()) throw_input_error("{}: data_offsets {} are not byte offsets", where, offsets_it->dump());
@@ -70,7 +73,10 @@ TensorInfo parse_entry(const std::string& where, const json& entry, uint64_t dat
   info.begin = (*offsets_it)[0].get<uint64_t>();
   info.end = (*offsets_it)[1].get<uint64_t>();
   if (info.begin > info.end) throw_input_error("{}: data_offsets [{}, {}] run backwards", where, info.begin, info.end);
-  const uint64_t bytes = numel * c10::elementSize(info.dtype);
+  uint64_t bytes = 0;
+  if (__builtin_mul_overflow(numel, uint64_t(c10::elementSize(info.dtype)), &bytes)) {
+    throw_input_error("{}: shape {} is too large", where, shape_it->dump());
+  }
   if (info.end - info.begin != bytes) {
     throw_input_error("{}: {} {} needs {} bytes, data_offsets [{}, {}] hold {}", where, dtype_it->get<std::string>(),
                       shape_string(info.shape), bytes, info.begin, info.end, info.end - info.begin);
@@ -136,15 +142,18 @@ SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
       }
       tensors_[name] = parse_entry(fmt::format("{}: tensor '{}'", path, name), entry, data_size);
     }
-    // No two tensors may share bytes.
-    const std::vector<std::string> ordered = names();
-    for (size_t i = 1; i < ordered.size(); ++i) {
-      const TensorInfo& before = tensors_.at(ordered[i - 1]);
-      const TensorInfo& after = tensors_.at(ordered[i]);
-      if (after.begin < before.end && after.begin != after.end) {
-        throw_input_error("{}: tensors '{}' [{}, {}] and '{}' [{}, {}] overlap", path, ordered[i - 1], before.begin,
-                          before.end, ordered[i], after.begin, after.end);
+    // No two tensors may share bytes: in offset order, each non-empty tensor starts at or after
+    // the furthest end seen so far.
+    const std::string* furthest = nullptr;
+    for (const std::string& name : names()) {
+      const TensorInfo& info = tensors_.at(name);
+      if (info.begin == info.end) continue;
+      if (furthest != nullptr && info.begin < tensors_.at(*furthest).end) {
+        const TensorInfo& other = tensors_.at(*furthest);
+        throw_input_error("{}: tensors '{}' [{}, {}] and '{}' [{}, {}] overlap", path, *furthest, other.begin,
+                          other.end, name, info.begin, info.end);
       }
+      if (furthest == nullptr || info.end > tensors_.at(*furthest).end) furthest = &name;
     }
   } catch (...) {
     ::munmap(const_cast<uint8_t*>(map_), map_size_);

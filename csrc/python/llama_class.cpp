@@ -22,7 +22,7 @@ struct Llama : torch::CustomClassHolder {
     LlamaConfig config = preset ? models::llama::preset(source.substr(7)) : io::read_llama_config(source);
     config.update(overrides);
     config.validate();
-    model = LlamaForCausalLM(config);
+    model = LlamaForCausalLM(config, /*init_weights=*/preset);
     if (!preset) io::load_llama_weights(*model, source);
   }
 
@@ -36,7 +36,8 @@ struct Llama : torch::CustomClassHolder {
 
   // Greedy continuation of prompt [T] -> new ids [N].
   at::Tensor generate(const at::Tensor& prompt, int64_t max_new_tokens, bool use_cache) {
-    const at::Tensor ids = prompt.to(at::kLong).contiguous();
+    TORCH_CHECK(prompt.dim() == 1, "Llama.generate: prompt must be 1-D token ids, got shape ", prompt.sizes());
+    const at::Tensor ids = prompt.to(at::kCPU, at::kLong).contiguous();
     std::vector<int64_t> prompt_ids(ids.data_ptr<int64_t>(), ids.data_ptr<int64_t>() + ids.numel());
     generate::GenerateOptions options;
     options.max_new_tokens = max_new_tokens;

@@ -73,7 +73,9 @@ const std::vector<Field>& field_table() {
             [](const LlamaConfig& c) { return fmt::format("{}", fmt::join(c.eos_token_ids, ",")); },
             [](LlamaConfig& c, const std::string& v) {
               c.eos_token_ids.clear();
-              for (const std::string& id : split(v, ',')) c.eos_token_ids.push_back(parse_int(id, "eos_token_ids"));
+              const size_t first = v.find_first_not_of("[ "), last = v.find_last_not_of("] ");
+              const std::string list = first == std::string::npos ? "" : v.substr(first, last - first + 1);
+              for (const std::string& id : split(list, ',')) c.eos_token_ids.push_back(parse_int(id, "eos_token_ids"));
             }},
       Field{"pad_token_id", [](const LlamaConfig& c) { return c.pad_token_id ? text_of(*c.pad_token_id) : "none"; },
             [](LlamaConfig& c, const std::string& v) {

@@ -1,8 +1,9 @@
 #pragma once
 // The map between bpt's LLaMA parameter names and Hugging Face's. bpt names its modules as
 // LlamaForCausalLM does, so the map is the identity on names; what this file adds is the
-// list of tensors (and shapes) a Hugging Face checkpoint of a config must hold, which the
-// loader checks a checkpoint against, and the names a loader may skip.
+// list of tensors (and shapes) a Hugging Face checkpoint of a config holds (the tests hold
+// the model's named_parameters() to it, which is what the loader walks), and the names a
+// loader may skip.
 //
 //   model.embed_tokens.weight                          [vocab, hidden]
 //   model.layers.{i}.self_attn.{q,k,v,o}_proj.weight   [heads*head_dim, hidden], [kv_heads*head_dim, hidden] x2,

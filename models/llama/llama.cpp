@@ -1,6 +1,7 @@
 #include "models/llama/llama.h"
 
 #include <ATen/ATen.h>
+#include <c10/core/DefaultDtype.h>
 
 #include "csrc/ops/ops.h"
 
@@ -140,19 +141,38 @@ at::Tensor LlamaModelImpl::forward(const at::Tensor& input_ids, const std::optio
 
 // ---- causal LM
 
-LlamaForCausalLMImpl::LlamaForCausalLMImpl(const LlamaConfig& config_) : config(config_) { reset(); }
+LlamaForCausalLMImpl::LlamaForCausalLMImpl(const LlamaConfig& config_, bool init_weights_)
+    : config(config_), init_weights(init_weights_) {
+  reset();
+}
+
+namespace {
+
+// Parameters are created in the model's dtype, so a bf16 model never exists in fp32 (a 7B
+// model would peak at 28 GB). Sets the process-wide default dtype while alive: construct
+// models from one thread.
+class DefaultDtypeGuard {
+ public:
+  explicit DefaultDtypeGuard(at::ScalarType dtype) : saved_(c10::get_default_dtype()) {
+    c10::set_default_dtype(c10::scalarTypeToTypeMeta(dtype));
+  }
+  ~DefaultDtypeGuard() { c10::set_default_dtype(saved_); }
+
+ private:
+  caffe2::TypeMeta saved_;
+};
+
+}  // namespace
 
 void LlamaForCausalLMImpl::reset() {
+  const DefaultDtypeGuard dtype_guard(config.dtype);
   model = register_module("model", LlamaModel(config));
   lm_head = register_module("lm_head", nn::ChunkedLMHeadLoss(nn::ChunkedLMHeadLossOptions(config.hidden_size,
                                                                                           config.vocab_size)
                                                                  .chunk(config.loss_chunk_size)
                                                                  .float32_logits(config.float32_logits)));
   if (config.tie_word_embeddings) lm_head->tie(model->embed_tokens->weight);
-  reset_parameters();
-  // Parameters only: the rotary frequencies stay fp32, as Hugging Face keeps them.
-  at::NoGradGuard no_grad;
-  for (at::Tensor& parameter : parameters()) parameter.set_data(parameter.to(config.dtype));
+  if (init_weights) reset_parameters();
 }
 
 void LlamaForCausalLMImpl::reset_parameters() {

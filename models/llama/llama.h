@@ -78,7 +78,8 @@ class LlamaModelImpl : public torch::nn::Cloneable<LlamaModelImpl> {
   explicit LlamaModelImpl(const LlamaConfig& config);
   void reset() override;
   // input_ids [B, T] -> final hidden states [B, T, hidden], normalised. position_ids default
-  // to 0.. per document of segment_ids (after the cached tokens when decoding with `cache`).
+  // to 0.. per document of segment_ids; with a `cache`, to the cached length + 0.. (one
+  // document per cached row: pass position_ids to decode packed documents).
   at::Tensor forward(const at::Tensor& input_ids, const std::optional<at::Tensor>& segment_ids = std::nullopt,
                      const std::optional<at::Tensor>& position_ids = std::nullopt, KVCache* cache = nullptr);
 
@@ -92,7 +93,8 @@ TORCH_MODULE(LlamaModel);
 
 class LlamaForCausalLMImpl : public torch::nn::Cloneable<LlamaForCausalLMImpl> {
  public:
-  explicit LlamaForCausalLMImpl(const LlamaConfig& config);
+  // init_weights = false leaves the weights for a loader to fill (faster for large models).
+  explicit LlamaForCausalLMImpl(const LlamaConfig& config, bool init_weights = true);
   void reset() override;
   // Hugging Face's initialisation: linear and embedding weights ~ N(0, initializer_range),
   // norm weights 1.
@@ -114,6 +116,7 @@ class LlamaForCausalLMImpl : public torch::nn::Cloneable<LlamaForCausalLMImpl> {
   KVCache make_cache(int64_t batch, int64_t capacity) const;
 
   LlamaConfig config;
+  bool init_weights;
   LlamaModel model{nullptr};
   nn::ChunkedLMHeadLoss lm_head{nullptr};
 };

@@ -50,6 +50,8 @@ TEST_CASE("config fields are set by name, and bad names or values are named", "[
   REQUIRE(config.dtype == at::kBFloat16);
   REQUIRE(config.rope_scaling.type() == "llama3");
   REQUIRE(config.eos_token_ids == std::vector<int64_t>{2, 3});
+  config.set("eos_token_ids", "[128001, 128009]");
+  REQUIRE(config.eos_token_ids == std::vector<int64_t>{128001, 128009});
   REQUIRE_THROWS_WITH(config.set("q_chunk_sise", "4"), Contains("did you mean 'q_chunk_size'"));
   REQUIRE_THROWS_WITH(config.set("k_chunk_size", "x"), Contains("k_chunk_size: expected an integer, got 'x'"));
   config.set("k_chunk_size", "0");

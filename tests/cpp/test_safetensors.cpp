@@ -99,6 +99,13 @@ TEST_CASE("corrupt safetensors files are refused with the file and tensor named"
   refuses(R"({"a": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}})", 8, "not a size");
   refuses(R"({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
               "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}})", 12, "'a' [0, 8] and 'b' [4, 12] overlap");
+  // An empty tensor between two overlapping ones hides nothing.
+  refuses(R"({"a": {"dtype": "U8", "shape": [100], "data_offsets": [0, 100]},
+              "b": {"dtype": "U8", "shape": [0], "data_offsets": [10, 10]},
+              "c": {"dtype": "U8", "shape": [10], "data_offsets": [20, 30]}})", 100, "'a' [0, 100] and 'c' [20, 30] overlap");
+  // Element counts that wrap around 64 bits.
+  refuses(R"({"a": {"dtype": "F32", "shape": [4294967296, 4294967296], "data_offsets": [0, 0]}})", 0, "too many elements");
+  refuses(R"({"a": {"dtype": "F32", "shape": [4611686018427387904], "data_offsets": [0, 0]}})", 0, "too large");
   refuses(R"([1, 2])", 0, "header is not a JSON object");
   refuses(R"({"a": )", 0, "header is not valid JSON");
 

@@ -117,6 +117,11 @@ def test_bad_config(checkpoint):
     assert "config.json: not valid JSON" in convert_error(checkpoint)
 
 
+def test_unwritable_output(checkpoint):
+    result = run_app("convert", "--input", checkpoint, "--output", "/proc/bpt-cannot-write-here")
+    assert result.returncode == 2 and "/proc/bpt-cannot-write-here" in result.stderr
+
+
 def test_missing_directory(tmp_path):
     assert "cannot open" in convert_error(tmp_path / "nowhere")
 

@@ -115,10 +115,13 @@ def test_greedy_generation_matches_transformers(tmp_path):
     assert model.generate(prompt, 32, use_cache=False).tolist() == expected.tolist()
 
 
-def test_bpt_generate_app_tokenizes_and_matches_transformers(tmp_path):
-    hf = save_hf_model(tmp_path)
-    train_tokenizer(tmp_path)
-    result = run_app("generate", "--model", tmp_path, "--prompt", "This License", "--prompt",
+def test_bpt_generate_on_a_converted_model_matches_transformers(tmp_path):
+    hf = save_hf_model(tmp_path / "hf")
+    train_tokenizer(tmp_path / "hf")
+    converted = run_app("convert", "--input", tmp_path / "hf", "--output", tmp_path / "bpt")
+    assert converted.returncode == 0, converted.stderr
+    assert (tmp_path / "bpt" / "tokenizer.model").is_file()  # copied along
+    result = run_app("generate", "--model", tmp_path / "bpt", "--prompt", "This License", "--prompt",
                      "the GNU General Public", "--max_new_tokens", 32, "--output", "json")
     assert result.returncode == 0, result.stderr
     lines = [json.loads(line) for line in result.stdout.splitlines()]
@@ -128,6 +131,36 @@ def test_bpt_generate_app_tokenizes_and_matches_transformers(tmp_path):
         prompt = torch.tensor([line["prompt_ids"]])
         expected = hf.generate(prompt, max_new_tokens=32, do_sample=False)[0, prompt.shape[1]:]
         assert line["ids"] == expected.tolist()
+
+
+def test_streamed_text_is_the_prompt_then_the_continuation(tmp_path):
+    """The first generated piece keeps its leading space: text mode prints what json reports."""
+    save_hf_model(tmp_path)
+    train_tokenizer(tmp_path)
+    args = ["--model", tmp_path, "--prompt", "This License", "--max_new_tokens", 12]
+    text = run_app("generate", *args)
+    line = json.loads(run_app("generate", *args, "--output", "json").stdout)
+    assert text.returncode == 0, text.stderr
+    assert text.stdout == "This License" + line["text"] + "\n"
+
+
+def test_a_tokenizer_smaller_than_the_vocabulary_limits_the_choices(tmp_path):
+    save_hf_model(tmp_path, vocab_size=700)
+    train_tokenizer(tmp_path)  # 512 pieces
+    result = run_app("generate", "--model", tmp_path, "--prompt", "You may", "--max_new_tokens", 40, "--do_sample",
+                     "--top_k", 0, "--temperature", 5, "--output", "json")
+    assert result.returncode == 0, result.stderr
+    assert max(json.loads(result.stdout)["ids"]) < 512
+
+
+def test_convert_replaces_the_output_directory_as_a_whole(tmp_path):
+    save_hf_model(tmp_path / "hf")
+    out = tmp_path / "out"
+    assert run_app("convert", "--input", tmp_path / "hf", "--output", out, "--max_shard_size", "20KB").returncode == 0
+    (out / "stray.txt").write_text("from before")
+    assert run_app("convert", "--input", tmp_path / "hf", "--output", out).returncode == 0
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "out"]  # no temporary left behind
 
 
 def test_bpt_generate_streams_text_and_samples_reproducibly(tmp_path):

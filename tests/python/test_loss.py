@@ -106,12 +106,20 @@ def test_opcheck_with_grad():
     torch.library.opcheck(torch.ops.bpt.chunked_lm_loss_with_grad.default, (h.detach(), w.detach(), t), {"chunk": 4})
 
 
-def test_no_grad_forward_saves_nothing_and_matches():
+def test_no_grad_forward_computes_no_gradients():
     h, w, t = problem(dtype=torch.float32)
-    with torch.no_grad():
-        loss, _, _ = loss_op(h, w, t, chunk=4)
+
+    def ops_called(grad):
+        with torch.set_grad_enabled(grad), torch.profiler.profile() as prof:
+            loss, _, _ = loss_op(h, w, t, chunk=4)
+        return loss, {e.name for e in prof.events()}
+
+    loss, called = ops_called(False)
     assert loss.grad_fn is None
-    torch.testing.assert_close(loss, loss_op(h, w, t, chunk=4)[0])
+    assert "bpt::chunked_lm_loss_with_grad" not in called
+    trained, called = ops_called(True)
+    assert "bpt::chunked_lm_loss_with_grad" in called
+    torch.testing.assert_close(loss, trained.detach())
 
 
 def test_torch_compile_backward():

@@ -213,10 +213,11 @@ class ChunkedLMLossFunction : public torch::autograd::Function<ChunkedLMLossFunc
  public:
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& h,
                                                 const at::Tensor& w_head, const at::Tensor& targets, int64_t chunk,
-                                                int64_t ignore_index, double z_loss, bool float32_logits) {
+                                                int64_t ignore_index, double z_loss, bool float32_logits,
+                                                bool with_grad) {
     at::AutoDispatchBelowADInplaceOrView guard;
     at::Tensor loss, n_tokens, n_correct;
-    if (h.requires_grad() || w_head.requires_grad()) {
+    if (with_grad) {
       at::Tensor grad_h, grad_w_head;
       std::tie(loss, n_tokens, n_correct, grad_h, grad_w_head) =
           ops::chunked_lm_loss_with_grad(h, w_head, targets, chunk, ignore_index, z_loss, float32_logits);
@@ -231,7 +232,7 @@ class ChunkedLMLossFunction : public torch::autograd::Function<ChunkedLMLossFunc
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
-    std::vector<at::Tensor> result(7);
+    std::vector<at::Tensor> result(8);
     if (!grads[0].defined()) return result;
     const auto saved = ctx->get_saved_variables();
     result[0] = saved[0] * grads[0].to(saved[0].scalar_type());
@@ -244,7 +245,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_autograd(const at::Tensor& h
                                                              const at::Tensor& targets, int64_t chunk,
                                                              int64_t ignore_index, double z_loss,
                                                              bool float32_logits) {
-  auto outs = ChunkedLMLossFunction::apply(h, w_head, targets, chunk, ignore_index, z_loss, float32_logits);
+  // Grad mode is off inside forward(): decide here whether a backward can follow.
+  const bool with_grad = at::GradMode::is_enabled() && (h.requires_grad() || w_head.requires_grad());
+  auto outs =
+      ChunkedLMLossFunction::apply(h, w_head, targets, chunk, ignore_index, z_loss, float32_logits, with_grad);
   return {outs[0], outs[1], outs[2]};
 }
 
