@@ -1,0 +1,40 @@
+#pragma once
+// Turns a JSON document into tokens and a loss mask, as llamabpt's (EasyLM's) TextProcessor:
+// `fields` is a comma-separated list; "a+b" joins fields a and b with a space; a field in
+// brackets, "[prompt]", is in the input but carries no loss; "<|bos|>" and "<|eos|>" insert
+// those tokens. BOS starts the document (no loss) and EOS ends it (with loss).
+#include <nlohmann/json_fwd.hpp>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "csrc/data/tokenizer.h"
+
+namespace bpt::data {
+
+struct TokenizedDocument {
+  std::vector<int64_t> tokens;
+  std::vector<uint8_t> loss_mask;  // per token: 1 if predicting this token counts in the loss
+};
+
+class TextProcessor {
+ public:
+  // InputError naming train_dataset.text_processor.fields if the spec is empty or malformed.
+  TextProcessor(const Tokenizer& tokenizer, const std::string& fields, bool add_bos = true, bool add_eos = true);
+
+  // `where` ("file:line") names the document in errors (a missing or non-string field).
+  TokenizedDocument operator()(const nlohmann::json& document, const std::string& where) const;
+
+ private:
+  struct Field {
+    std::vector<std::string> names;  // joined with ' '
+    bool loss = true;
+    int64_t special = -1;  // BOS/EOS id for <|bos|>, <|eos|>
+  };
+  const Tokenizer& tokenizer_;
+  std::vector<Field> fields_;
+  bool add_bos_, add_eos_;
+};
+
+}  // namespace bpt::data

@@ -1,0 +1,165 @@
+// JSONL corpora, llamabpt's text processor, packing with segment ids and exact loader resume.
+#include <catch2/catch.hpp>
+
+#include <ATen/ATen.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "csrc/common/error.h"
+#include "csrc/data/jsonl.h"
+#include "csrc/data/loader.h"
+#include "csrc/data/text_processor.h"
+#include "csrc/data/tokenizer.h"
+
+namespace {
+
+namespace fs = std::filesystem;
+using Catch::Contains;
+
+fs::path scratch(const std::string& name) {
+  const fs::path dir = fs::temp_directory_path() / ("bpt_test_" + name + "_" + std::to_string(::getpid()));
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  return dir;
+}
+
+// A SentencePiece model trained on a Debian licence text, once per test binary run.
+const bpt::data::Tokenizer& tokenizer() {
+  static const bpt::data::Tokenizer instance = [] {
+    const fs::path dir = scratch("spm");
+    const std::string command = "spm_train --input=/usr/share/common-licenses/GPL-3 --model_prefix=" +
+                                (dir / "spm").string() +
+                                " --vocab_size=512 --model_type=bpe --byte_fallback=true --minloglevel=2 >/dev/null 2>&1";
+    REQUIRE(std::system(command.c_str()) == 0);
+    return bpt::data::Tokenizer((dir / "spm.model").string());
+  }();
+  return instance;
+}
+
+fs::path write_jsonl(const fs::path& path, const std::vector<std::string>& lines) {
+  std::ofstream stream(path);
+  for (const std::string& line : lines) stream << line << "\n";
+  return path;
+}
+
+std::vector<int64_t> concat(std::vector<int64_t> a, const std::vector<int64_t>& b) {
+  a.insert(a.end(), b.begin(), b.end());
+  return a;
+}
+
+}  // namespace
+
+TEST_CASE("the text processor follows llamabpt's field syntax", "[data]") {
+  const auto& tok = tokenizer();
+  const nlohmann::json doc = {{"prompt", "Copyright"}, {"response", "free software"}, {"title", "GNU"}};
+  const bpt::data::TextProcessor plain(tok, "response");
+  auto out = plain(doc, "x.jsonl:1");
+  REQUIRE(out.tokens == concat(concat({tok.bos_id()}, tok.encode("free software", false)), {tok.eos_id()}));
+  REQUIRE(out.loss_mask.front() == 0);
+  REQUIRE(out.loss_mask.back() == 1);
+
+  const bpt::data::TextProcessor sft(tok, "[prompt],response");
+  out = sft(doc, "x.jsonl:1");
+  const size_t prompt_len = tok.encode("Copyright", false).size();
+  for (size_t i = 0; i < out.tokens.size(); ++i) REQUIRE(out.loss_mask[i] == (i >= 1 + prompt_len ? 1 : 0));
+
+  const bpt::data::TextProcessor joined(tok, "title+response,<|eos|>", /*add_bos=*/false, /*add_eos=*/false);
+  REQUIRE(joined(doc, "x.jsonl:1").tokens == concat(tok.encode("GNU free software", false), {tok.eos_id()}));
+  REQUIRE_THROWS_WITH(plain({{"text", "x"}}, "data.jsonl:7"), Contains("data.jsonl:7: no field 'response'"));
+  REQUIRE_THROWS_WITH(plain({{"response", 3}}, "data.jsonl:8"), Contains("data.jsonl:8: field 'response' is number"));
+}
+
+TEST_CASE("a malformed JSONL line is named by file and line", "[data]") {
+  const fs::path dir = scratch("jsonl");
+  const fs::path path = write_jsonl(dir / "d.jsonl", {R"({"text": "a"})", "", R"({"text": "b"})", R"({"text": )"});
+  const bpt::data::JsonlCorpus corpus({path.string()});
+  REQUIRE(corpus.size() == 3);  // the blank line is skipped, line numbers are kept
+  REQUIRE(corpus.document(1)["text"] == "b");
+  REQUIRE(corpus.where(1) == path.string() + ":3");
+  REQUIRE_THROWS_WITH(corpus.document(2), Contains(path.string() + ":4: not valid JSON"));
+  REQUIRE_THROWS_WITH(bpt::data::JsonlCorpus({(dir / "none.jsonl").string()}), Contains("cannot open"));
+  fs::remove_all(dir);
+}
+
+TEST_CASE("packing: documents end to end, targets within a document, a segment each", "[data]") {
+  const fs::path dir = scratch("pack");
+  std::vector<std::string> lines;
+  const std::vector<std::string> texts = {"This License", "the GNU General Public License", "free software",
+                                          "Copyright (C) 2007 Free Software Foundation, Inc."};
+  for (const std::string& text : texts) lines.push_back(nlohmann::json{{"text", text}}.dump());
+  auto corpus = std::make_shared<bpt::data::JsonlCorpus>(
+      std::vector<std::string>{write_jsonl(dir / "d.jsonl", lines).string()});
+  auto processor = std::make_shared<bpt::data::TextProcessor>(tokenizer(), "text");
+  bpt::data::PackingOptions options;
+  options.seq_length = 7;
+  options.batch_size = 3;
+  options.shuffle = false;
+  bpt::data::PackedLoader loader(corpus, processor, options);
+
+  // The expected stream: every document's tokens, the next token as target inside it.
+  std::vector<int64_t> stream, expected_targets, doc_of;
+  for (size_t d = 0; d < texts.size(); ++d) {
+    const auto doc = (*processor)(corpus->document(static_cast<int64_t>(d)), "");
+    for (size_t k = 0; k < doc.tokens.size(); ++k) {
+      stream.push_back(doc.tokens[k]);
+      expected_targets.push_back(k + 1 < doc.tokens.size() ? doc.tokens[k + 1] : -100);
+      doc_of.push_back(static_cast<int64_t>(d));
+    }
+  }
+  const bpt::data::Batch batch = loader.next();
+  REQUIRE(batch.input_ids.sizes() == at::IntArrayRef({3, 7}));
+  for (int64_t i = 0; i < 21; ++i) {
+    const int64_t row = i / 7, t = i % 7;
+    INFO("token " << i);
+    REQUIRE(batch.input_ids[row][t].item<int64_t>() == stream[i]);
+    REQUIRE(batch.targets[row][t].item<int64_t>() == expected_targets[i]);
+    // Segment ids count documents from 1 within each row.
+    const int64_t first_doc = doc_of[row * 7];
+    REQUIRE(batch.segment_ids[row][t].item<int64_t>() == 1 + doc_of[i] - first_doc);
+  }
+  fs::remove_all(dir);
+}
+
+TEST_CASE("a restored loader replays the same batches, whatever the thread count", "[data]") {
+  const fs::path dir = scratch("resume");
+  std::vector<std::string> lines;
+  for (int i = 0; i < 40; ++i) lines.push_back(nlohmann::json{{"text", "document number " + std::to_string(i)}}.dump());
+  auto corpus = std::make_shared<bpt::data::JsonlCorpus>(
+      std::vector<std::string>{write_jsonl(dir / "d.jsonl", lines).string()});
+  auto processor = std::make_shared<bpt::data::TextProcessor>(tokenizer(), "text");
+  bpt::data::PackingOptions options;
+  options.seq_length = 16;
+  options.batch_size = 4;
+  options.seed = 5;
+  bpt::data::PackedLoader straight(corpus, processor, options);
+  std::vector<bpt::data::Batch> batches;
+  nlohmann::json state_after_3;
+  for (int i = 0; i < 8; ++i) {  // past one epoch: 40 documents of about 6 tokens
+    if (i == 3) state_after_3 = straight.state();
+    batches.push_back(straight.next());
+  }
+  options.tokenizer_threads = 3;
+  bpt::data::PackedLoader resumed(corpus, processor, options);
+  resumed.restore(state_after_3);
+  for (int i = 3; i < 8; ++i) {
+    const bpt::data::Batch batch = resumed.next();
+    REQUIRE(at::equal(batch.input_ids, batches[i].input_ids));
+    REQUIRE(at::equal(batch.targets, batches[i].targets));
+    REQUIRE(at::equal(batch.segment_ids, batches[i].segment_ids));
+  }
+  REQUIRE_THROWS_WITH(resumed.restore({{"synthetic_batches", 3}}), Contains("of a JSON dataset"));
+  fs::remove_all(dir);
+}
+
+TEST_CASE("the document order is a seeded permutation", "[data]") {
+  const auto a = bpt::data::permutation(100, 1), b = bpt::data::permutation(100, 1), c = bpt::data::permutation(100, 2);
+  REQUIRE(a == b);
+  REQUIRE(a != c);
+  auto sorted = a;
+  std::sort(sorted.begin(), sorted.end());
+  for (int64_t i = 0; i < 100; ++i) REQUIRE(sorted[i] == i);
+}
