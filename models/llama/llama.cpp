@@ -75,9 +75,14 @@ void LlamaDecoderLayerImpl::reset() {
 }
 
 at::Tensor LlamaDecoderLayerImpl::forward(const at::Tensor& h, const LayerInputs& inputs) {
-  const at::Tensor after_attention = h + self_attn(input_layernorm(h), inputs, index);
-  return after_attention + mlp(post_attention_layernorm(after_attention));
+  return mlp_block(attention_block(h, inputs));
 }
+
+at::Tensor LlamaDecoderLayerImpl::attention_block(const at::Tensor& h, const LayerInputs& inputs) {
+  return h + self_attn(input_layernorm(h), inputs, index);
+}
+
+at::Tensor LlamaDecoderLayerImpl::mlp_block(const at::Tensor& h) { return h + mlp(post_attention_layernorm(h)); }
 
 // ---- model
 
@@ -134,7 +139,10 @@ at::Tensor LlamaModelImpl::forward(const at::Tensor& input_ids, const std::optio
 
   at::Tensor h = embed_tokens(input_ids);
   std::tie(inputs.cos, inputs.sin) = rotary->cos_sin(positions, h.scalar_type());
-  for (const auto& layer : *layers) h = layer->as<LlamaDecoderLayer>()->forward(h, inputs);
+  for (const auto& module : *layers) {
+    LlamaDecoderLayerImpl& layer = *module->as<LlamaDecoderLayer>();
+    h = run_layer ? run_layer(layer, h, inputs) : layer.forward(h, inputs);
+  }
   if (cache != nullptr) cache->length += T;
   return norm(h);
 }

@@ -16,6 +16,7 @@
 #include <torch/nn/modules/linear.h>
 #include <torch/nn/pimpl.h>
 
+#include <functional>
 #include <optional>
 #include <vector>
 
@@ -62,8 +63,12 @@ class LlamaDecoderLayerImpl : public torch::nn::Cloneable<LlamaDecoderLayerImpl>
  public:
   LlamaDecoderLayerImpl(const LlamaConfig& config, int64_t index);
   void reset() override;
-  // h [B, T, hidden] -> [B, T, hidden]
+  // h [B, T, hidden] -> [B, T, hidden]: mlp_block(attention_block(h)).
   at::Tensor forward(const at::Tensor& h, const LayerInputs& inputs);
+  // h + o_proj(attention(...)): the first residual half of the layer.
+  at::Tensor attention_block(const at::Tensor& h, const LayerInputs& inputs);
+  // h + mlp(rms(h)): the second half.
+  at::Tensor mlp_block(const at::Tensor& h);
 
   LlamaConfig config;
   int64_t index;
@@ -82,6 +87,12 @@ class LlamaModelImpl : public torch::nn::Cloneable<LlamaModelImpl> {
   // document per cached row: pass position_ids to decode packed documents).
   at::Tensor forward(const at::Tensor& input_ids, const std::optional<at::Tensor>& segment_ids = std::nullopt,
                      const std::optional<at::Tensor>& position_ids = std::nullopt, KVCache* cache = nullptr);
+
+  // How each layer runs; empty: layer.forward. The trainer sets it to apply remat policies
+  // (csrc/train), so the model itself knows nothing of them.
+  using LayerRunner = std::function<at::Tensor(LlamaDecoderLayerImpl& layer, const at::Tensor& h,
+                                               const LayerInputs& inputs)>;
+  LayerRunner run_layer;
 
   LlamaConfig config;
   torch::nn::Embedding embed_tokens{nullptr};
