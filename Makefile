@@ -14,7 +14,7 @@ export CCACHE_SLOPPINESS := pch_defines,time_macros,include_file_mtime,include_f
 .PHONY: help setup build test test-cpp test-python demo bench clean
 
 help:
-	@echo "make demo   - install everything, build, run the ops and show benchmarks"
+	@echo "make demo   - install everything, build, train a small LLaMA on Debian's fortunes, generate text"
 	@echo "make test   - build and run all tests (ctest + pytest)"
 	@echo "make setup  - install Debian packages and the Python venv (.venv)"
 	@echo "make build  - configure and build (Release) into $(BUILD_DIR)/"
@@ -46,9 +46,17 @@ test: build
 	echo "== Python tests (pytest)"; $(PY) -m pytest tests/python -q || status=1; \
 	exit $$status
 
+# The demo: the ops checked against ATen, then a small LLaMA trained on Debian's fortunes
+# (tokenizer, training with a progress bar, checkpoints, a loss plot) and a sample generated.
+DEMO := runs/demo
 demo: setup build
 	$(BUILD_DIR)/bpt-demo
-	$(PY) tools/bench/rms_norm.py --quick --out $(BENCH_OUT)/rms_norm.json
+	$(PY) tools/demo_corpus.py $(DEMO)
+	$(BUILD_DIR)/bpt-tokenizer --input $(DEMO)/train.jsonl --vocab_size 2000 --output $(DEMO)/tokenizer 2>/dev/null
+	$(BUILD_DIR)/bpt-train --config configs/llama/demo.toml --autoresume
+	$(PY) tools/plot_metrics.py $(DEMO)/metrics.jsonl --out $(DEMO)/metrics.png
+	$(BUILD_DIR)/bpt-generate --model $(DEMO)/checkpoint --prompt "The secret of life is" --max_new_tokens 80 \
+	  --do_sample --temperature 0.8 --top_k 40 --seed 1
 
 bench: build
 	@mkdir -p $(BENCH_OUT)

@@ -86,6 +86,16 @@ inline void apply_llama_overrides(const CLI::App& app, const std::vector<std::st
   }
 }
 
+// Any leftover argument is an unknown flag, reported with the nearest known one.
+inline void reject_extras(const CLI::App& app, const std::vector<std::string>& extras) {
+  if (extras.empty()) return;
+  std::vector<std::string> known;
+  for (const CLI::Option* option : app.get_options()) {
+    for (const std::string& long_name : option->get_lnames()) known.push_back("--" + long_name);
+  }
+  throw InputError(unknown_name_message("flag", extras.front().substr(0, extras.front().find('=')), known));
+}
+
 // "--llama.<field>  <current value>" lines for --help.
 inline std::string llama_fields_help(const models::llama::LlamaConfig& config) {
   std::string text =

@@ -5,14 +5,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Packages the C++ build needs. libgloo-dev supplies the Gloo headers the torch wheel
-# lacks (c10d's ProcessGroupGloo from C++); sentencepiece gives spm_train for tokenizers.
+# lacks (c10d's ProcessGroupGloo from C++); sentencepiece gives spm_train for tokenizers;
+# fortunes is the English text make demo trains on.
 DEBS=(build-essential cmake ninja-build ccache pkg-config
       libsentencepiece-dev sentencepiece catch2
-      libcli11-dev libtomlplusplus-dev nlohmann-json3-dev libgloo-dev)
+      libcli11-dev libtomlplusplus-dev nlohmann-json3-dev libgloo-dev
+      fortunes)
 # Pinned exactly: a range would pull a multi-GB CUDA build of torch.
 TORCH_SPEC="torch==2.13.0"
 # transformers: the reference the LLaMA tests compare against (it brings safetensors).
-PY_PKGS=(numpy pytest transformers==5.24.0)
+# matplotlib: tools/plot_metrics.py.
+PY_PKGS=(numpy pytest transformers==5.24.0 matplotlib)
 
 missing=()
 for p in "${DEBS[@]}"; do

@@ -73,19 +73,24 @@ void load_llama_weights(models::llama::LlamaForCausalLMImpl& model, const std::s
 
 void save_llama(const models::llama::LlamaForCausalLMImpl& model, const std::string& dir,
                 const SaveOptions& options) {
+  AtomicDirectory output(dir);
+  write_llama(model, output.path(), options);
+  output.commit();
+}
+
+void write_llama(const models::llama::LlamaForCausalLMImpl& model, const std::string& dir,
+                 const SaveOptions& options) {
   LlamaConfig config = model.config;
   if (options.dtype) config.dtype = *options.dtype;
   NamedTensors tensors;
   for (const auto& item : model.named_parameters()) {
     tensors.emplace_back(models::llama::hf_name(item.key()), item.value().detach().to(at::kCPU, config.dtype));
   }
-  AtomicDirectory output(dir);
-  save_safetensors_dir(output.path(), tensors, options.max_shard_bytes, {{"format", "pt"}});
+  save_safetensors_dir(dir, tensors, options.max_shard_bytes, {{"format", "pt"}});
   nlohmann::json json = models::llama::to_hf_json(config);
   if (!options.bpt_fields) json.erase("bpt");
-  write_file_atomically((fs::path(output.path()) / "config.json").string(), json.dump(2) + "\n");
-  if (!options.tokenizer_from.empty()) copy_tokenizer_files(options.tokenizer_from, output.path());
-  output.commit();
+  write_file_atomically((fs::path(dir) / "config.json").string(), json.dump(2) + "\n");
+  if (!options.tokenizer_from.empty()) copy_tokenizer_files(options.tokenizer_from, dir);
 }
 
 void copy_tokenizer_files(const std::string& from, const std::string& to) {

@@ -33,6 +33,9 @@ struct SaveOptions {
 // atomically: a crash leaves the old `dir` or the complete new one (AtomicDirectory).
 void save_llama(const models::llama::LlamaForCausalLMImpl& model, const std::string& dir,
                 const SaveOptions& options = {});
+// The same files written into the existing directory `dir` (which the caller makes atomic).
+void write_llama(const models::llama::LlamaForCausalLMImpl& model, const std::string& dir,
+                 const SaveOptions& options = {});
 
 // Copies the tokenizer files found in `from` (tokenizer.model, tokenizer.json,
 // tokenizer_config.json, special_tokens_map.json, generation_config.json) into `to`.

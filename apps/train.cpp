@@ -1,0 +1,154 @@
+// bpt-train: trains a LLaMA on JSONL text (or synthetic tokens) with llamabpt's flags.
+//
+//   bpt-train --config configs/llama/tiny.toml --logger.output_dir runs/tiny --autoresume
+//
+// A thin main over bpt::train::Trainer: it builds the model, data and options from the flags
+// and hands them over. `bpt-train --help` lists every flag with its default.
+
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "apps/app.h"
+#include "csrc/data/loader.h"
+#include "csrc/data/tokenizer.h"
+#include "csrc/io/flags.h"
+#include "csrc/io/hf_checkpoint.h"
+#include "csrc/train/config.h"
+#include "csrc/train/llama_module.h"
+#include "csrc/train/trainer.h"
+
+namespace {
+
+using bpt::throw_input_error;
+namespace fs = std::filesystem;
+
+bpt::models::llama::LlamaConfig model_config(const bpt::train::TrainConfig& c) {
+  const std::string& source = c.load_llama_config;
+  bpt::models::llama::LlamaConfig config =
+      fs::is_directory(source) ? bpt::io::read_llama_config(source) : bpt::models::llama::preset(source);
+  try {
+    config.update(c.update_llama_config);
+  } catch (const bpt::InputError& e) {
+    throw_input_error("--update_llama_config: {}", e.what());
+  }
+  for (const auto& [field, value] : c.llama_overrides) {
+    try {
+      config.set(field, value);
+    } catch (const bpt::InputError& e) {
+      throw_input_error("--llama.{}", e.what());
+    }
+  }
+  config.dtype = bpt::models::llama::parse_dtype(c.dtype, "--dtype");
+  config.validate();
+  return config;
+}
+
+std::unique_ptr<bpt::data::DataLoader> make_loader(const bpt::train::DatasetConfig& d, const std::string& flag,
+                                                   const bpt::data::Tokenizer* tokenizer, int64_t vocab_size,
+                                                   uint64_t seed) {
+  if (d.type == "synthetic") {
+    return std::make_unique<bpt::data::SyntheticLoader>(vocab_size, d.seq_length, d.batch_size, seed);
+  }
+  if (d.type != "json") throw_input_error("--{}.type: expected json or synthetic, got '{}'", flag, d.type);
+  if (tokenizer == nullptr) throw_input_error("--tokenizer.vocab_file: required for a json {}", flag);
+  const std::vector<std::string> paths = bpt::split(d.path, ',');
+  if (paths.empty()) throw_input_error("--{}.json_dataset.path: required for a json dataset", flag);
+  auto corpus = std::make_shared<bpt::data::JsonlCorpus>(paths);
+  auto processor = std::make_shared<bpt::data::TextProcessor>(*tokenizer, d.fields, d.add_bos_token, d.add_eos_token);
+  bpt::data::PackingOptions packing;
+  packing.seq_length = d.seq_length;
+  packing.batch_size = d.batch_size;
+  packing.seed = seed;
+  packing.shuffle = d.shuffle;
+  packing.tokenizer_threads = d.tokenizer_processes;
+  return std::make_unique<bpt::data::PackedLoader>(corpus, processor, packing);
+}
+
+int train(int argc, char** argv) {
+  bpt::train::TrainConfig config;
+  bpt::io::FlagSet flags;
+  std::string unused_config_path;
+  flags.add("config", "a TOML file of these settings; flags given here override it", &unused_config_path);
+  bpt::train::register_flags(config, flags);
+  if (flags.parse(argc, argv)) {
+    std::printf("Usage: bpt-train [--config FILE.toml] [--name=value ...]\n\n%s", flags.help().c_str());
+    return 0;
+  }
+
+  const bpt::models::llama::LlamaConfig llama = model_config(config);
+  std::unique_ptr<bpt::data::Tokenizer> tokenizer;
+  if (!config.tokenizer_vocab_file.empty()) {
+    tokenizer = std::make_unique<bpt::data::Tokenizer>(config.tokenizer_vocab_file);
+    if (tokenizer->vocab_size() > llama.vocab_size) {
+      throw_input_error("{}: the tokenizer has {} pieces but the model's vocab_size is {}",
+                        config.tokenizer_vocab_file, tokenizer->vocab_size(), llama.vocab_size);
+    }
+  }
+  const auto train_data = make_loader(config.train_dataset, "train_dataset", tokenizer.get(), llama.vocab_size,
+                                      static_cast<uint64_t>(config.seed));
+  std::unique_ptr<bpt::data::DataLoader> eval_data;
+  if (config.eval_freq > 0) {
+    eval_data = make_loader(config.eval_dataset, "eval_dataset", tokenizer.get(), llama.vocab_size,
+                            static_cast<uint64_t>(config.seed) + 1);
+  }
+
+  // load_checkpoint: params::DIR or hf::DIR (weights), trainstate::DIR (everything).
+  std::string kind, checkpoint_dir;
+  if (!config.load_checkpoint.empty()) {
+    const size_t sep = config.load_checkpoint.find("::");
+    kind = sep == std::string::npos ? "" : config.load_checkpoint.substr(0, sep);
+    checkpoint_dir = sep == std::string::npos ? "" : config.load_checkpoint.substr(sep + 2);
+    if (kind != "params" && kind != "trainstate" && kind != "hf") {
+      throw_input_error("--load_checkpoint: expected params::DIR, trainstate::DIR or hf::DIR, got '{}'",
+                        config.load_checkpoint);
+    }
+  }
+  at::manual_seed(static_cast<uint64_t>(config.seed));
+  bpt::models::llama::LlamaForCausalLM model(llama, /*init_weights=*/kind.empty());
+  if (kind == "params" || kind == "hf") bpt::io::load_llama_weights(*model, checkpoint_dir);
+  bpt::train::LlamaModule module(model, bpt::train::parse_remat_policy(llama.remat_policy));
+  module.tokenizer_file = config.tokenizer_vocab_file;
+
+  if (!config.load_dataset_state.empty()) {
+    std::ifstream stream(config.load_dataset_state);
+    if (!stream) throw_input_error("--load_dataset_state: cannot open {}", config.load_dataset_state);
+    const nlohmann::json state = nlohmann::json::parse(stream, nullptr, /*allow_exceptions=*/false);
+    if (!state.is_object() || !state.contains("dataset")) {
+      throw_input_error("{}: expected a trainer_state.json with a \"dataset\" entry", config.load_dataset_state);
+    }
+    train_data->restore(state["dataset"]);
+  }
+
+  bpt::train::TrainerOptions options;
+  options.total_steps = config.total_steps;
+  options.accumulate_gradient_steps = config.accumulate_gradient_steps;
+  options.log_freq = config.log_freq;
+  options.save_model_freq = config.save_model_freq;
+  options.save_milestone_freq = config.save_milestone_freq;
+  options.eval_freq = config.eval_freq;
+  options.eval_steps = config.eval_steps;
+  options.save_optimizer_state = config.save_optimizer_state;
+  options.autoresume = config.autoresume;
+  options.resume_from = kind == "trainstate" ? checkpoint_dir : "";
+  options.output_dir = config.output_dir;
+  options.seq_length = config.train_dataset.seq_length;
+  options.peak_flops = config.peak_flops;
+  options.progress = config.progress;
+  if (config.optimizer_type != "adamw") throw_input_error("--optimizer.type: only adamw, got '{}'", config.optimizer_type);
+
+  bpt::train::Trainer trainer(options, config.adamw);
+  const auto result = trainer.fit(module, *train_data, eval_data.get());
+  std::printf("bpt-train: %s at step %lld, loss %.4f%s; checkpoint in %s/checkpoint\n",
+              result.interrupted ? "stopped" : "done", static_cast<long long>(result.steps), result.last_loss,
+              result.skipped_steps ? fmt::format(", {} steps skipped", result.skipped_steps).c_str() : "",
+              config.output_dir.c_str());
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  return bpt::app::run("bpt-train", [&] { return train(argc, argv); });
+}

@@ -1,0 +1,37 @@
+#pragma once
+// Training checkpoints in `output_dir`: `checkpoint/` (the latest, replaced on every save) and
+// `milestone-<step>/` (kept). Each is a directory written whole and swapped in atomically
+// (io::AtomicDirectory), holding the model's files (config.json + safetensors with Hugging
+// Face names for LLaMA), `optimizer.safetensors` (if saved) and `trainer_state.json`: step,
+// data loader position, random state. A crash at any moment leaves every earlier checkpoint
+// complete; latest() finds the newest.
+#include <nlohmann/json.hpp>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+
+#include "csrc/train/adamw.h"
+#include "csrc/train/module.h"
+
+namespace bpt::train {
+
+class Checkpointer {
+ public:
+  Checkpointer(std::string output_dir, bool save_optimizer_state);
+
+  // Saves into output_dir/<name>; trainer_state is written as trainer_state.json.
+  void save(const std::string& name, const TrainModule& module, const AdamW& optimizer,
+            const nlohmann::json& trainer_state) const;
+  // The newest complete checkpoint (by step) in output_dir, if any.
+  std::optional<std::string> latest() const;
+
+  // Restores weights, optimizer state (if present) and returns trainer_state.json.
+  static nlohmann::json load(const std::string& dir, TrainModule& module, AdamW* optimizer);
+
+ private:
+  std::string output_dir_;
+  bool save_optimizer_state_;
+};
+
+}  // namespace bpt::train

@@ -1,0 +1,74 @@
+#include "csrc/train/config.h"
+
+#include "models/llama/config.h"
+
+namespace bpt::train {
+namespace {
+
+void register_dataset(DatasetConfig& d, const std::string& prefix, io::FlagSet& flags) {
+  flags.add(prefix + ".type", "json (JSONL files) or synthetic (random tokens, for benchmarks)", &d.type);
+  flags.add(prefix + ".text_processor.fields",
+            "fields joined into a document: a,b; a+b joins with a space; [a] carries no loss; <|bos|>, <|eos|>",
+            &d.fields);
+  flags.add(prefix + ".text_processor.add_bos_token", "start each document with BOS", &d.add_bos_token);
+  flags.add(prefix + ".text_processor.add_eos_token", "end each document with EOS", &d.add_eos_token);
+  flags.add(prefix + ".json_dataset.path", "JSONL file(s), comma-separated", &d.path);
+  flags.add(prefix + ".json_dataset.seq_length", "tokens per row", &d.seq_length);
+  flags.add(prefix + ".json_dataset.batch_size", "rows per batch", &d.batch_size);
+  flags.add(prefix + ".json_dataset.tokenizer_processes", "tokenizer threads", &d.tokenizer_processes);
+  flags.add(prefix + ".json_dataset.shuffle", "a new seeded document order each epoch", &d.shuffle);
+}
+
+}  // namespace
+
+void register_flags(TrainConfig& c, io::FlagSet& flags) {
+  flags.add("load_llama_config", "model preset (tiny, 1b, 7b, llama2-7b, llama3-8b, ...) or a directory with config.json",
+            &c.load_llama_config);
+  flags.add("update_llama_config", "config overrides: field=value,field=value", &c.update_llama_config);
+  flags.add("dtype", "parameter and compute dtype: float32, bf16 (fp32 master weights) or fp16", &c.dtype);
+  flags.add("total_steps", "optimizer updates to train for", &c.total_steps);
+  flags.add("log_freq", "log metrics every this many steps", &c.log_freq);
+  flags.add("save_model_freq", "save the checkpoint (replacing the last) every this many steps; 0: at the end only",
+            &c.save_model_freq);
+  flags.add("save_milestone_freq", "also keep a milestone checkpoint every this many steps; 0: none",
+            &c.save_milestone_freq);
+  flags.add("eval_freq", "evaluate every this many steps; 0: never", &c.eval_freq);
+  flags.add("eval_steps", "batches per evaluation", &c.eval_steps);
+  flags.add("load_checkpoint", "params::DIR (weights), trainstate::DIR (weights, optimizer, step, data) or hf::DIR",
+            &c.load_checkpoint);
+  flags.add("load_dataset_state", "a trainer_state.json whose data position to start from", &c.load_dataset_state);
+  flags.add("tokenizer.vocab_file", "SentencePiece tokenizer.model (json datasets)", &c.tokenizer_vocab_file);
+  flags.add("optimizer.type", "adamw (the only one)", &c.optimizer_type);
+  AdamWOptions& a = c.adamw;
+  flags.add("optimizer.adamw_optimizer.lr", "peak learning rate", &a.lr);
+  flags.add("optimizer.adamw_optimizer.end_lr", "learning rate at the end of the decay", &a.end_lr);
+  flags.add("optimizer.adamw_optimizer.lr_warmup_steps", "linear warm-up steps", &a.lr_warmup_steps);
+  flags.add("optimizer.adamw_optimizer.lr_decay_steps", "steps to reach end_lr, warm-up included; 0: no decay",
+            &a.lr_decay_steps);
+  flags.add("optimizer.adamw_optimizer.lr_schedule", "cosine or linear decay", &a.lr_schedule);
+  flags.add("optimizer.adamw_optimizer.weight_decay", "decoupled weight decay (not on norms or embeddings)",
+            &a.weight_decay);
+  flags.add("optimizer.adamw_optimizer.decay_embeddings", "apply weight decay to embeddings too", &a.decay_embeddings);
+  flags.add("optimizer.adamw_optimizer.b1", "Adam beta1", &a.b1);
+  flags.add("optimizer.adamw_optimizer.b2", "Adam beta2", &a.b2);
+  flags.add("optimizer.adamw_optimizer.eps", "Adam epsilon", &a.eps);
+  flags.add("optimizer.adamw_optimizer.clip_gradient", "global gradient-norm clip; 0: off", &a.clip_gradient);
+  flags.add("optimizer.adamw_optimizer.accumulate_gradient_steps", "micro-batches per optimizer step",
+            &c.accumulate_gradient_steps);
+  register_dataset(c.train_dataset, "train_dataset", flags);
+  register_dataset(c.eval_dataset, "eval_dataset", flags);
+  flags.add("checkpointer.save_optimizer_state", "save the optimizer state with each checkpoint",
+            &c.save_optimizer_state);
+  flags.add("autoresume", "continue from the newest complete checkpoint in logger.output_dir", &c.autoresume);
+  flags.add("seed", "random seed (weights, data order)", &c.seed);
+  flags.add("logger.output_dir", "where checkpoints and metrics.jsonl go", &c.output_dir);
+  flags.add("peak_flops", "peak FLOP/s for MFU; 0: measured once by a matmul", &c.peak_flops);
+  flags.add("progress", "auto (a progress bar on a terminal), always or never", &c.progress);
+  // --llama.<field>: checked against LlamaConfig's fields; applied after load_llama_config.
+  flags.add_prefix(
+      "llama.", "LLaMA config fields (--llama.<field>=value; in brackets: the tiny preset's values):",
+      [&c](const std::string& field, const std::string& value) { c.llama_overrides.emplace_back(field, value); },
+      [] { return models::llama::preset("tiny").fields(); });
+}
+
+}  // namespace bpt::train

@@ -1,0 +1,193 @@
+#include "csrc/train/trainer.h"
+
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+
+#include <atomic>
+#include <chrono>
+#include <csignal>
+#include <fstream>
+
+#include "csrc/common/error.h"
+#include "csrc/train/checkpointer.h"
+#include "csrc/train/metrics.h"
+
+namespace bpt::train {
+namespace {
+
+std::atomic<bool> stop_requested{false};
+extern "C" void request_stop(int) { stop_requested = true; }
+
+// SIGINT and SIGTERM ask the loop to stop after the current step, while fit() runs.
+class StopSignals {
+ public:
+  StopSignals() {
+    stop_requested = false;
+    previous_int_ = std::signal(SIGINT, request_stop);
+    previous_term_ = std::signal(SIGTERM, request_stop);
+  }
+  ~StopSignals() {
+    std::signal(SIGINT, previous_int_);
+    std::signal(SIGTERM, previous_term_);
+  }
+
+ private:
+  void (*previous_int_)(int);
+  void (*previous_term_)(int);
+};
+
+using Clock = std::chrono::steady_clock;
+double seconds_since(Clock::time_point start) { return std::chrono::duration<double>(Clock::now() - start).count(); }
+
+nlohmann::json rng_state() {
+  const at::Tensor state = at::detail::getDefaultCPUGenerator().get_state();
+  return std::vector<uint8_t>(state.data_ptr<uint8_t>(), state.data_ptr<uint8_t>() + state.numel());
+}
+
+void restore_rng(const nlohmann::json& bytes) {
+  const auto values = bytes.get<std::vector<uint8_t>>();
+  at::Tensor state = at::empty({static_cast<int64_t>(values.size())}, at::kByte);
+  std::copy(values.begin(), values.end(), state.data_ptr<uint8_t>());
+  at::Generator generator = at::detail::getDefaultCPUGenerator();
+  generator.set_state(state);
+}
+
+}  // namespace
+
+double measure_peak_flops(at::ScalarType dtype) {
+  at::NoGradGuard no_grad;
+  constexpr int64_t n = 2048;
+  const at::Tensor a = at::randn({n, n}).to(dtype), b = at::randn({n, n}).to(dtype);
+  at::mm(a, b);  // warm-up
+  const auto start = Clock::now();
+  constexpr int reps = 3;
+  for (int i = 0; i < reps; ++i) at::mm(a, b);
+  return 2.0 * n * n * n * reps / seconds_since(start);
+}
+
+Trainer::Trainer(TrainerOptions options, AdamWOptions adamw) : options_(std::move(options)), adamw_(adamw) {
+  if (options_.total_steps < 0) throw_input_error("total_steps: expected >= 0, got {}", options_.total_steps);
+  if (options_.accumulate_gradient_steps < 1) {
+    throw_input_error("optimizer.adamw_optimizer.accumulate_gradient_steps: expected >= 1, got {}",
+                      options_.accumulate_gradient_steps);
+  }
+  if (options_.log_freq < 1) throw_input_error("log_freq: expected >= 1, got {}", options_.log_freq);
+  for (const auto& [name, value] : {std::pair{"save_model_freq", options_.save_model_freq},
+                                    {"save_milestone_freq", options_.save_milestone_freq},
+                                    {"eval_freq", options_.eval_freq}}) {
+    if (value < 0) throw_input_error("{}: expected >= 0, got {}", name, value);
+  }
+}
+
+FitResult Trainer::fit(TrainModule& module, data::DataLoader& train, data::DataLoader* eval) {
+  const StopSignals signals;
+  AdamW optimizer(module.named_parameters(), module.configure_optimizers(adamw_));
+  const Checkpointer checkpointer(options_.output_dir, options_.save_optimizer_state);
+  MetricsLog metrics(options_.output_dir, options_.progress, options_.total_steps);
+
+  FitResult result;
+  std::string resume_from = options_.resume_from;
+  if (options_.autoresume) {
+    if (const auto latest = checkpointer.latest()) resume_from = *latest;
+  }
+  if (!resume_from.empty()) {
+    const nlohmann::json state = Checkpointer::load(resume_from, module, &optimizer);
+    result.steps = state.at("step").get<int64_t>();
+    result.skipped_steps = state.value("skipped_steps", int64_t{0});
+    train.restore(state.at("dataset"));
+    if (state.contains("rng")) restore_rng(state["rng"]);
+    metrics.note(fmt::format("resumed from {} at step {}", resume_from, result.steps));
+  }
+
+  const double flops_per_token = module.flops_per_token(options_.seq_length);
+  double peak_flops = options_.peak_flops;
+  if (peak_flops <= 0 && flops_per_token > 0) {
+    const auto parameters = module.named_parameters();
+    peak_flops = measure_peak_flops(parameters.empty() ? at::kFloat : parameters.front().second.scalar_type());
+  }
+  const auto trainer_state = [&] {
+    return nlohmann::json{{"step", result.steps},
+                          {"skipped_steps", result.skipped_steps},
+                          {"dataset", train.state()},
+                          {"rng", rng_state()}};
+  };
+  const auto save = [&](const std::string& name) {
+    checkpointer.save(name, module, optimizer, trainer_state());
+    metrics.note(fmt::format("step {}: saved {}/{}", result.steps, options_.output_dir, name));
+  };
+
+  const auto run_start = Clock::now();
+  const int64_t first_step = result.steps;
+  int64_t last_saved = -1;
+  double window_loss = 0, window_tokens = 0, window_correct = 0, window_seconds = 0, window_norm = 0;
+  int64_t window_steps = 0;
+  while (result.steps < options_.total_steps && !stop_requested) {
+    const auto step_start = Clock::now();
+    double loss_sum = 0;
+    for (int64_t micro = 0; micro < options_.accumulate_gradient_steps; ++micro) {
+      const data::Batch batch = train.next();
+      const StepOutput out = module.training_step(batch);
+      (out.loss / static_cast<double>(options_.accumulate_gradient_steps)).backward();
+      loss_sum += out.loss.item<double>();
+      window_tokens += static_cast<double>(out.n_tokens);
+      window_correct += static_cast<double>(out.n_correct);
+    }
+    const StepReport report = optimizer.step();
+    ++result.steps;
+    result.last_loss = loss_sum / static_cast<double>(options_.accumulate_gradient_steps);
+    if (report.skipped) {
+      ++result.skipped_steps;
+      metrics.note(fmt::format("step {}: gradient norm is {}, update skipped", result.steps, report.grad_norm));
+    }
+    window_loss += result.last_loss;
+    window_norm += report.skipped ? 0 : report.grad_norm;
+    window_seconds += seconds_since(step_start);
+    ++window_steps;
+
+    if (result.steps % options_.log_freq == 0 || result.steps == options_.total_steps) {
+      const double tokens_per_s = window_tokens / window_seconds;
+      nlohmann::json record = {{"step", result.steps},
+                               {"loss", window_loss / window_steps},
+                               {"accuracy", window_tokens > 0 ? window_correct / window_tokens : 0.0},
+                               {"lr", report.lr},
+                               {"grad_norm", window_norm / window_steps},
+                               {"tokens_per_s", tokens_per_s},
+                               {"peak_memory_mb", peak_memory_mb()},
+                               {"skipped_steps", result.skipped_steps},
+                               {"time_s", seconds_since(run_start)}};
+      if (flops_per_token > 0 && peak_flops > 0) record["mfu"] = flops_per_token * tokens_per_s / peak_flops;
+      const double per_step = seconds_since(run_start) / static_cast<double>(result.steps - first_step);
+      metrics.log(record, per_step * static_cast<double>(options_.total_steps - result.steps));
+      window_loss = window_tokens = window_correct = window_seconds = window_norm = 0;
+      window_steps = 0;
+    }
+    if (eval != nullptr && options_.eval_freq > 0 && result.steps % options_.eval_freq == 0) {
+      at::NoGradGuard no_grad;
+      double loss = 0, tokens = 0, correct = 0;
+      for (int64_t i = 0; i < options_.eval_steps; ++i) {
+        const auto out = module.validation_step(eval->next());
+        if (!out) break;
+        loss += out->loss.item<double>() * static_cast<double>(out->n_tokens);
+        tokens += static_cast<double>(out->n_tokens);
+        correct += static_cast<double>(out->n_correct);
+      }
+      if (tokens > 0) {
+        metrics.write({{"step", result.steps}, {"eval_loss", loss / tokens}, {"eval_accuracy", correct / tokens}});
+        metrics.note(fmt::format("step {}: eval loss {:.4f}, accuracy {:.3f}", result.steps, loss / tokens,
+                                 correct / tokens));
+      }
+    }
+    if (options_.save_milestone_freq > 0 && result.steps % options_.save_milestone_freq == 0) {
+      save(fmt::format("milestone-{:08d}", result.steps));
+    }
+    if (options_.save_model_freq > 0 && result.steps % options_.save_model_freq == 0) {
+      save("checkpoint");
+      last_saved = result.steps;
+    }
+  }
+  result.interrupted = stop_requested;
+  if (last_saved != result.steps && result.steps > first_step) save("checkpoint");
+  return result;
+}
+
+}  // namespace bpt::train

@@ -1,0 +1,60 @@
+#pragma once
+// The training loop, a class users call from C++ (bpt-train is a thin main over it):
+//
+//   for step in [start, total_steps):
+//     for each of accumulate_gradient_steps micro-batches: loss = module.training_step(batch);
+//                                                          (loss / accumulate).backward()
+//     AdamW: clip by global norm, skip if not finite, update   (schedule by update count)
+//     every log_freq: metrics.jsonl line (+ progress bar); every eval_freq: validation;
+//     every save_model_freq / save_milestone_freq: checkpoint (atomic)
+//
+// Resuming (--autoresume, or load_checkpoint=trainstate::DIR) restores weights, optimizer,
+// step, data position and random state, so a resumed run continues exactly as one that never
+// stopped. SIGINT/SIGTERM finish the current step, save a checkpoint and return.
+#include <cstdint>
+#include <string>
+
+#include "csrc/data/loader.h"
+#include "csrc/train/adamw.h"
+#include "csrc/train/module.h"
+
+namespace bpt::train {
+
+struct TrainerOptions {
+  int64_t total_steps = 1000;
+  int64_t accumulate_gradient_steps = 1;
+  int64_t log_freq = 10;
+  int64_t save_model_freq = 0;      // 0: save at the end only
+  int64_t save_milestone_freq = 0;  // 0: no milestones
+  int64_t eval_freq = 0, eval_steps = 10;
+  bool save_optimizer_state = true;
+  bool autoresume = false;
+  std::string resume_from;  // a checkpoint directory (trainstate::DIR)
+  std::string output_dir = "runs/default";
+  int64_t seq_length = 0;   // for MFU
+  double peak_flops = 0;    // 0: measured once
+  std::string progress = "auto";
+};
+
+struct FitResult {
+  int64_t steps = 0;          // the step reached
+  int64_t skipped_steps = 0;  // updates skipped for a non-finite gradient
+  double last_loss = 0;
+  bool interrupted = false;
+};
+
+class Trainer {
+ public:
+  Trainer(TrainerOptions options, AdamWOptions adamw);
+  // Trains `module` on `train` (and validates on `eval` if given).
+  FitResult fit(TrainModule& module, data::DataLoader& train, data::DataLoader* eval = nullptr);
+
+ private:
+  TrainerOptions options_;
+  AdamWOptions adamw_;
+};
+
+// FLOP/s of a 2048^3 matmul in `dtype` on this machine: the peak MFU is measured against.
+double measure_peak_flops(at::ScalarType dtype);
+
+}  // namespace bpt::train

@@ -1,0 +1,176 @@
+"""bpt-train end to end: exact resume, crash safety, learning, and clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llama_helpers import BUILD, CORPUS, run_app, train_tokenizer
+
+TINY_RUN = ["--load_llama_config=tiny", "--llama.q_chunk_size=32", "--llama.k_chunk_size=32",
+            "--llama.loss_chunk_size=64", "--optimizer.adamw_optimizer.lr=3e-3",
+            "--optimizer.adamw_optimizer.lr_warmup_steps=5", "--optimizer.adamw_optimizer.lr_decay_steps=40",
+            "--progress=never", "--log_freq=1"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """GPL-3's paragraphs as JSONL, and a 256-piece tokenizer trained on them."""
+    root = tmp_path_factory.mktemp("corpus")
+    paragraphs = [p.strip() for p in CORPUS.read_text().split("\n\n") if p.strip()]
+    (root / "train.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in paragraphs))
+    train_tokenizer(root, vocab_size=400)
+    return root
+
+
+def json_run(corpus: Path, out: Path, *extra) -> list[str]:
+    return [*TINY_RUN, "--llama.vocab_size=400", f"--tokenizer.vocab_file={corpus / 'tokenizer.model'}",
+            "--train_dataset.type=json", f"--train_dataset.json_dataset.path={corpus / 'train.jsonl'}",
+            "--train_dataset.json_dataset.seq_length=64", "--train_dataset.json_dataset.batch_size=2",
+            f"--logger.output_dir={out}", *map(str, extra)]
+
+
+def losses(out: Path) -> list[float]:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if "loss" in r]
+
+
+def test_resume_is_exact(tmp_path, corpus):
+    straight = run_app("train", *json_run(corpus, tmp_path / "a", "--total_steps=20"))
+    assert straight.returncode == 0, straight.stderr
+    first = run_app("train", *json_run(corpus, tmp_path / "b", "--total_steps=10"))
+    assert first.returncode == 0, first.stderr
+    second = run_app("train", *json_run(corpus, tmp_path / "b", "--total_steps=20", "--autoresume"))
+    assert second.returncode == 0, second.stderr
+    assert "resumed from" in second.stdout and "at step 10" in second.stdout
+    assert losses(tmp_path / "b") == losses(tmp_path / "a")  # bit for bit, fp32
+    a = load_file(tmp_path / "a" / "checkpoint" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "checkpoint" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigkill_while_saving_keeps_the_previous_checkpoint(tmp_path, corpus):
+    out = tmp_path / "run"
+    env = {**os.environ, "BPT_CHECKPOINT_DELAY_MS": "2000"}
+    proc = subprocess.Popen([str(BUILD / "bpt-train"), *json_run(corpus, out, "--total_steps=10",
+                                                                  "--save_model_freq=5")],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    # Wait for the step-5 checkpoint to be complete and the step-10 one to be half written.
+    while time.time() < deadline:
+        done = (out / "checkpoint" / "trainer_state.json").exists()
+        writing = any(".tmp-" in p.name for p in out.iterdir()) if out.exists() else False
+        if done and writing:
+            break
+        time.sleep(0.02)
+    else:
+        proc.kill()
+        pytest.fail("the second checkpoint never started")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    state = json.loads((out / "checkpoint" / "trainer_state.json").read_text())
+    assert state["step"] == 5
+    resumed = run_app("train", *json_run(corpus, out, "--total_steps=10", "--autoresume"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "at step 5" in resumed.stdout
+    assert not any(".tmp-" in p.name for p in out.iterdir())
+    assert json.loads((out / "checkpoint" / "trainer_state.json").read_text())["step"] == 10
+
+
+def test_a_tiny_model_learns_a_repeated_sentence(tmp_path, corpus):
+    """The fixed task: one sentence repeated; the loss must fall below 0.3 within 60 steps."""
+    data = tmp_path / "repeat.jsonl"
+    data.write_text(json.dumps({"text": "Everyone is permitted to copy and distribute verbatim copies."}) + "\n")
+    result = run_app("train", *json_run(corpus, tmp_path / "run", "--total_steps=60",
+                                        f"--train_dataset.json_dataset.path={data}",
+                                        "--optimizer.adamw_optimizer.lr=1e-2",
+                                        "--optimizer.adamw_optimizer.lr_decay_steps=0"))
+    assert result.returncode == 0, result.stderr
+    trace = losses(tmp_path / "run")
+    assert trace[0] > 5.0 and max(trace[-5:]) < 0.3, trace
+
+
+def test_bf16_training_runs_on_fp32_masters(tmp_path, corpus):
+    result = run_app("train", *json_run(corpus, tmp_path / "run", "--total_steps=8", "--dtype=bf16"))
+    assert result.returncode == 0, result.stderr
+    trace = losses(tmp_path / "run")
+    assert trace[-1] < trace[0]
+    config = json.loads((tmp_path / "run" / "checkpoint" / "config.json").read_text())
+    assert config["dtype"] == "bfloat16"
+    optimizer = load_file(tmp_path / "run" / "checkpoint" / "optimizer.safetensors")
+    assert optimizer["model.norm.weight.master"].dtype == torch.float32
+
+
+def test_checkpoint_generates_and_loads_in_transformers(tmp_path, corpus):
+    from transformers import LlamaForCausalLM
+
+    result = run_app("train", *json_run(corpus, tmp_path / "run", "--total_steps=3"))
+    assert result.returncode == 0, result.stderr
+    checkpoint = tmp_path / "run" / "checkpoint"
+    assert (checkpoint / "tokenizer.model").is_file()
+    LlamaForCausalLM.from_pretrained(checkpoint)
+    generated = run_app("generate", "--model", checkpoint, "--prompt", "This License", "--max_new_tokens", 8)
+    assert generated.returncode == 0, generated.stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--total_step=3"], "unknown setting 'total_step'; did you mean 'total_steps'?"),
+    (["--total_steps=many"], "--total_steps: total_steps: expected an integer, got 'many'"),
+    (["--llama.q_chunk_sise=8"], "did you mean 'llama.q_chunk_size'?"),
+    (["--llama.remat_policy=some"], "remat_policy: expected nothing_saveable"),
+    (["--optimizer.adamw_optimizer.b2=1.5"], "b2: expected in [0, 1), got 1.5"),
+    (["--train_dataset.type=json"], "--tokenizer.vocab_file: required for a json train_dataset"),
+    (["--load_checkpoint=weights::x"], "--load_checkpoint: expected params::DIR"),
+])
+def test_bad_flags_exit_2_naming_the_flag(tmp_path, flags, message):
+    result = run_app("train", *TINY_RUN, f"--logger.output_dir={tmp_path}", "--total_steps=1",
+                     "--train_dataset.type=synthetic", *flags)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert message in result.stderr, result.stderr
+
+
+def test_bad_dataset_and_tokenizer_exit_2(tmp_path, corpus):
+    missing = run_app("train", *json_run(corpus, tmp_path / "a", "--total_steps=1",
+                                         f"--train_dataset.json_dataset.path={tmp_path / 'none.jsonl'}"))
+    assert missing.returncode == 2 and "none.jsonl: cannot open the dataset file" in missing.stderr
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": broken}\n')
+    malformed = run_app("train", *json_run(corpus, tmp_path / "b", "--total_steps=1",
+                                           f"--train_dataset.json_dataset.path={bad}",
+                                           "--train_dataset.json_dataset.shuffle=false"))
+    assert malformed.returncode == 2 and f"{bad}:2: not valid JSON" in malformed.stderr, malformed.stderr
+    small_vocab = run_app("train", *json_run(corpus, tmp_path / "c", "--total_steps=1", "--llama.vocab_size=300"))
+    assert small_vocab.returncode == 2
+    assert "the tokenizer has 400 pieces but the model's vocab_size is 300" in small_vocab.stderr
+
+
+def test_config_file_and_its_errors(tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text('total_steps = 2\nprogress = "never"\n[train_dataset]\ntype = "synthetic"\n'
+                      f'[logger]\noutput_dir = "{tmp_path / "out"}"\n')
+    ok = run_app("train", "--config", config, "--log_freq=1")
+    assert ok.returncode == 0, ok.stderr
+    assert len(losses(tmp_path / "out")) == 2
+    config.write_text("total_steps = \n")
+    broken = run_app("train", "--config", config)
+    assert broken.returncode == 2 and f"{config}:1:" in broken.stderr
+    config.write_text("[optimizer.adamw_optimizer]\nlr = 'fast'\n")
+    typed = run_app("train", "--config", config)
+    assert typed.returncode == 2 and f"{config}: optimizer.adamw_optimizer.lr: expected a number" in typed.stderr
+
+
+def test_help_lists_every_flag_with_its_default():
+    result = run_app("train", "--help")
+    assert result.returncode == 0
+    for flag in ["--total_steps", "--optimizer.adamw_optimizer.lr_warmup_steps", "--train_dataset.json_dataset.path",
+                 "--checkpointer.save_optimizer_state", "--autoresume", "--llama.remat_policy", "--eval_freq"]:
+        assert flag in result.stdout
+    assert "[1000]" in result.stdout  # total_steps' default
