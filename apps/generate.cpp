@@ -136,6 +136,7 @@ int generate(int argc, char** argv) {
       std::printf("%s\n", line.dump().c_str());
     } else {
       std::printf("\n");
+      std::fflush(stdout);  // the text line ends before the stats line on a shared terminal
       std::fprintf(stderr, "[%zu prompt + %zu new tokens, %.1f tokens/s, %d threads%s]\n", prompt_ids.size(),
                    ids.size(), ids.size() / seconds, at::get_num_threads(), use_cache ? "" : ", no cache");
     }

@@ -1,0 +1,92 @@
+"""train: bpt-train's training step vs an eager PyTorch loop (transformers' LlamaForCausalLM and
+torch.optim.AdamW) on the same model and synthetic data, side by side; and bpt-train's peak
+memory per remat policy and with BPT chunking on and off.
+
+Model: D=512, 8 layers, 8 heads, intermediate 1376, vocab 32000 (as llama.py), batch 1, fp32.
+Each case runs a few steps in its own process; step_ms is the median step after two warm-up
+steps; step_peak_mb is the process's whole peak resident memory (model, optimizer and
+activations; bpt-train's own VmHWM, read from its metrics.jsonl).
+
+- task=loop: T=2048, bpt (remat nothing_saveable, chunked) vs hf-sdpa and hf-eager.
+- task=memory: bpt alone at T=8192 (--quick: 4096) under each remat policy, and with every
+  chunk size -1 (no blockwise attention/FFN/loss chunking).
+"""
+
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import REPO, main  # noqa: E402
+
+PHASES = ("step",)
+MODEL = dict(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
+             num_key_value_heads=8, max_position_embeddings=16384)
+STEPS, WARMUP = 6, 2
+
+
+def cases(args):
+    loop = [{"task": "loop", "T": 2048, "impl": impl} for impl in ("bpt", "hf-sdpa", "hf-eager")]
+    T = 4096 if args.quick else 8192
+    memory = [{"task": "memory", "T": T, "remat": remat, "chunking": True, "impl": "bpt"}
+              for remat in ("nothing_saveable", "checkpoint_dots", "everything_saveable")]
+    memory.append({"task": "memory", "T": T, "remat": "nothing_saveable", "chunking": False, "impl": "bpt"})
+    return loop + memory
+
+
+def annotate(record):
+    record["tokens_per_s"] = record["params"]["T"] / (record["ms"] / 1e3)
+
+
+def peak_rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+
+
+def run_bpt(p):
+    update = ",".join(f"{k}={v}" for k, v in MODEL.items() if k != "max_position_embeddings")
+    chunks = 256 if p.get("chunking", True) else -1
+    with tempfile.TemporaryDirectory() as out:
+        cmd = [str(REPO / "build" / "bpt-train"), "--load_llama_config=tiny", f"--update_llama_config={update}",
+               "--train_dataset.type=synthetic", f"--train_dataset.json_dataset.seq_length={p['T']}",
+               "--train_dataset.json_dataset.batch_size=1", f"--total_steps={STEPS}", "--log_freq=1",
+               "--progress=never", f"--logger.output_dir={out}", f"--llama.remat_policy={p.get('remat', 'nothing_saveable')}",
+               f"--llama.q_chunk_size={chunks}", f"--llama.k_chunk_size={chunks}",
+               f"--llama.ffn_chunk_size={chunks if chunks < 0 else 2048}",
+               f"--llama.loss_chunk_size={chunks if chunks < 0 else 1024}", "--peak_flops=1e12"]
+        subprocess.run(cmd, check=True, capture_output=True, timeout=3000)
+        records = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "tokens_per_s" in r][WARMUP:]
+    ms = statistics.median(p["T"] / r["tokens_per_s"] * 1e3 for r in steps)
+    return ms, max(r["peak_memory_mb"] for r in records)
+
+
+def run_hf(p):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    attn = "eager" if p["impl"] == "hf-eager" else "sdpa"
+    model = LlamaForCausalLM(LlamaConfig(**MODEL, attn_implementation=attn))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    times = []
+    for step in range(STEPS):
+        ids = torch.randint(0, MODEL["vocab_size"], (1, p["T"]))
+        start = time.perf_counter()
+        model(ids, labels=ids).loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times[WARMUP:]), peak_rss_mb()
+
+
+def run_phase(p, phase):
+    return run_bpt(p) if p["impl"] == "bpt" else run_hf(p)
+
+
+if __name__ == "__main__":
+    main(__file__, cases, PHASES, run_phase, annotate=annotate)
