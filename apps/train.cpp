@@ -89,7 +89,7 @@ int train(int argc, char** argv) {
   const auto train_data = make_loader(config.train_dataset, "train_dataset", tokenizer.get(), llama.vocab_size,
                                       static_cast<uint64_t>(config.seed));
   std::unique_ptr<bpt::data::DataLoader> eval_data;
-  if (config.eval_freq > 0) {
+  if (config.trainer.eval_freq > 0) {
     eval_data = make_loader(config.eval_dataset, "eval_dataset", tokenizer.get(), llama.vocab_size,
                             static_cast<uint64_t>(config.seed) + 1);
   }
@@ -121,21 +121,9 @@ int train(int argc, char** argv) {
     train_data->restore(state["dataset"]);
   }
 
-  bpt::train::TrainerOptions options;
-  options.total_steps = config.total_steps;
-  options.accumulate_gradient_steps = config.accumulate_gradient_steps;
-  options.log_freq = config.log_freq;
-  options.save_model_freq = config.save_model_freq;
-  options.save_milestone_freq = config.save_milestone_freq;
-  options.eval_freq = config.eval_freq;
-  options.eval_steps = config.eval_steps;
-  options.save_optimizer_state = config.save_optimizer_state;
-  options.autoresume = config.autoresume;
+  bpt::train::TrainerOptions options = config.trainer;
   options.resume_from = kind == "trainstate" ? checkpoint_dir : "";
-  options.output_dir = config.output_dir;
   options.seq_length = config.train_dataset.seq_length;
-  options.peak_flops = config.peak_flops;
-  options.progress = config.progress;
   if (config.optimizer_type != "adamw") throw_input_error("--optimizer.type: only adamw, got '{}'", config.optimizer_type);
 
   bpt::train::Trainer trainer(options, config.adamw);
@@ -143,7 +131,7 @@ int train(int argc, char** argv) {
   std::printf("bpt-train: %s at step %lld, loss %.4f%s; checkpoint in %s/checkpoint\n",
               result.interrupted ? "stopped" : "done", static_cast<long long>(result.steps), result.last_loss,
               result.skipped_steps ? fmt::format(", {} steps skipped", result.skipped_steps).c_str() : "",
-              config.output_dir.c_str());
+              config.trainer.output_dir.c_str());
   return 0;
 }
 

@@ -69,10 +69,9 @@ StepReport AdamW::step() {
     const at::Tensor& grad = slot.param.grad();
     grads.push_back(grad.defined() ? grad.to(at::kFloat) : at::zeros_like(slot.master));
   }
-  // Global norm over every gradient, in fp32 (fp64 accumulation of the squares).
-  at::Tensor squares = at::zeros({}, at::kDouble);
-  for (const at::Tensor& grad : grads) squares += grad.to(at::kDouble).pow(2).sum();
-  report.grad_norm = std::sqrt(squares.item<double>());
+  // Global norm: the norm of the per-tensor norms (fp32 tensors, fp64 for the last sum).
+  const at::Tensor norms = at::stack(at::_foreach_norm(grads, 2)).to(at::kDouble);
+  report.grad_norm = norms.pow(2).sum().sqrt().item<double>();
   for (Slot& slot : slots_) slot.param.mutable_grad() = at::Tensor();
   if (!std::isfinite(report.grad_norm)) {
     report.skipped = true;  // steps_done_ stays: the schedule does not advance either

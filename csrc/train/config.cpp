@@ -26,14 +26,14 @@ void register_flags(TrainConfig& c, io::FlagSet& flags) {
             &c.load_llama_config);
   flags.add("update_llama_config", "config overrides: field=value,field=value", &c.update_llama_config);
   flags.add("dtype", "parameter and compute dtype: float32, bf16 (fp32 master weights) or fp16", &c.dtype);
-  flags.add("total_steps", "optimizer updates to train for", &c.total_steps);
-  flags.add("log_freq", "log metrics every this many steps", &c.log_freq);
+  flags.add("total_steps", "optimizer updates to train for", &c.trainer.total_steps);
+  flags.add("log_freq", "log metrics every this many steps", &c.trainer.log_freq);
   flags.add("save_model_freq", "save the checkpoint (replacing the last) every this many steps; 0: at the end only",
-            &c.save_model_freq);
+            &c.trainer.save_model_freq);
   flags.add("save_milestone_freq", "also keep a milestone checkpoint every this many steps; 0: none",
-            &c.save_milestone_freq);
-  flags.add("eval_freq", "evaluate every this many steps; 0: never", &c.eval_freq);
-  flags.add("eval_steps", "batches per evaluation", &c.eval_steps);
+            &c.trainer.save_milestone_freq);
+  flags.add("eval_freq", "evaluate every this many steps; 0: never", &c.trainer.eval_freq);
+  flags.add("eval_steps", "batches per evaluation", &c.trainer.eval_steps);
   flags.add("load_checkpoint", "params::DIR (weights), trainstate::DIR (weights, optimizer, step, data) or hf::DIR",
             &c.load_checkpoint);
   flags.add("load_dataset_state", "a trainer_state.json whose data position to start from", &c.load_dataset_state);
@@ -54,16 +54,16 @@ void register_flags(TrainConfig& c, io::FlagSet& flags) {
   flags.add("optimizer.adamw_optimizer.eps", "Adam epsilon", &a.eps);
   flags.add("optimizer.adamw_optimizer.clip_gradient", "global gradient-norm clip; 0: off", &a.clip_gradient);
   flags.add("optimizer.adamw_optimizer.accumulate_gradient_steps", "micro-batches per optimizer step",
-            &c.accumulate_gradient_steps);
+            &c.trainer.accumulate_gradient_steps);
   register_dataset(c.train_dataset, "train_dataset", flags);
   register_dataset(c.eval_dataset, "eval_dataset", flags);
   flags.add("checkpointer.save_optimizer_state", "save the optimizer state with each checkpoint",
-            &c.save_optimizer_state);
-  flags.add("autoresume", "continue from the newest complete checkpoint in logger.output_dir", &c.autoresume);
+            &c.trainer.save_optimizer_state);
+  flags.add("autoresume", "continue from the newest complete checkpoint in logger.output_dir", &c.trainer.autoresume);
   flags.add("seed", "random seed (weights, data order)", &c.seed);
-  flags.add("logger.output_dir", "where checkpoints and metrics.jsonl go", &c.output_dir);
-  flags.add("peak_flops", "peak FLOP/s for MFU; 0: measured once by a matmul", &c.peak_flops);
-  flags.add("progress", "auto (a progress bar on a terminal), always or never", &c.progress);
+  flags.add("logger.output_dir", "where checkpoints and metrics.jsonl go", &c.trainer.output_dir);
+  flags.add("peak_flops", "peak FLOP/s for MFU; 0: measured once by a matmul", &c.trainer.peak_flops);
+  flags.add("progress", "auto (a progress bar on a terminal), always or never", &c.trainer.progress);
   // --llama.<field>: checked against LlamaConfig's fields; applied after load_llama_config.
   flags.add_prefix(
       "llama.", "LLaMA config fields (--llama.<field>=value; in brackets: the tiny preset's values):",

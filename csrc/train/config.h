@@ -8,6 +8,7 @@
 
 #include "csrc/io/flags.h"
 #include "csrc/train/adamw.h"
+#include "csrc/train/trainer.h"
 
 namespace bpt::train {
 
@@ -26,23 +27,17 @@ struct TrainConfig {
   std::vector<std::pair<std::string, std::string>> llama_overrides;  // --llama.<field>, in order
   std::string dtype = "float32";
 
-  int64_t total_steps = 1000, log_freq = 10, save_model_freq = 0, save_milestone_freq = 0;
-  int64_t eval_freq = 0, eval_steps = 10;
+  // Steps, logging, saving, evaluation, resuming, output_dir, progress (the trainer's own).
+  TrainerOptions trainer;
   std::string load_checkpoint;  // "params::DIR", "trainstate::DIR" or "hf::DIR"
   std::string load_dataset_state;
   std::string tokenizer_vocab_file;
 
   std::string optimizer_type = "adamw";
   AdamWOptions adamw;
-  int64_t accumulate_gradient_steps = 1;
 
   DatasetConfig train_dataset, eval_dataset;
-  bool save_optimizer_state = true;
-  bool autoresume = false;
   int64_t seed = 42;
-  std::string output_dir = "runs/default";
-  double peak_flops = 0;  // per second; 0: measured once with a matmul
-  std::string progress = "auto";  // auto (a bar on a terminal), always, never
 };
 
 // Registers every field of `config` in `flags` under its llamabpt name.
