@@ -174,3 +174,26 @@ def test_help_lists_every_flag_with_its_default():
                  "--checkpointer.save_optimizer_state", "--autoresume", "--llama.remat_policy", "--eval_freq"]:
         assert flag in result.stdout
     assert "[1000]" in result.stdout  # total_steps' default
+
+
+def test_load_checkpoint_params_and_trainstate(tmp_path, corpus):
+    first = run_app("train", *json_run(corpus, tmp_path / "a", "--total_steps=10"))
+    assert first.returncode == 0, first.stderr
+    checkpoint = tmp_path / "a" / "checkpoint"
+    # params:: takes the weights only: step 0, a fresh optimizer, the data from the start.
+    params = run_app("train", *json_run(corpus, tmp_path / "b", "--total_steps=2", f"--load_checkpoint=params::{checkpoint}"))
+    assert params.returncode == 0, params.stderr
+    assert losses(tmp_path / "b")[0] < losses(tmp_path / "a")[0] - 0.3  # trained weights, fresh start
+    assert json.loads((tmp_path / "b" / "checkpoint" / "trainer_state.json").read_text())["step"] == 2
+    # trainstate:: continues the run: step, optimizer and data position.
+    state = run_app("train", *json_run(corpus, tmp_path / "c", "--total_steps=12",
+                                       f"--load_checkpoint=trainstate::{checkpoint}"))
+    assert state.returncode == 0, state.stderr
+    assert "at step 10" in state.stdout
+    # load_dataset_state: only the data position.
+    data = run_app("train", *json_run(corpus, tmp_path / "d", "--total_steps=1",
+                                      f"--load_dataset_state={checkpoint / 'trainer_state.json'}"))
+    assert data.returncode == 0, data.stderr
+    saved = json.loads((tmp_path / "d" / "checkpoint" / "trainer_state.json").read_text())["dataset"]
+    before = json.loads((checkpoint / "trainer_state.json").read_text())["dataset"]
+    assert (saved["epoch"], saved["document"]) >= (before["epoch"], before["document"])
