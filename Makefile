@@ -52,7 +52,7 @@ DEMO := runs/demo
 demo: setup build
 	$(BUILD_DIR)/bpt-demo
 	$(PY) tools/demo_corpus.py $(DEMO)
-	$(BUILD_DIR)/bpt-tokenizer --input $(DEMO)/train.jsonl --vocab_size 2000 --output $(DEMO)/tokenizer 2>/dev/null
+	$(BUILD_DIR)/bpt-tokenizer --input $(DEMO)/train.jsonl --vocab_size 2000 --output $(DEMO)/tokenizer
 	$(BUILD_DIR)/bpt-train --config configs/llama/demo.toml --autoresume
 	$(PY) tools/plot_metrics.py $(DEMO)/metrics.jsonl --out $(DEMO)/metrics.png
 	$(BUILD_DIR)/bpt-generate --model $(DEMO)/checkpoint --prompt "The secret of life is" --max_new_tokens 80 \

@@ -6,6 +6,7 @@
 // and hands them over. `bpt-train --help` lists every flag with its default.
 
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -45,13 +46,8 @@ bpt::models::llama::LlamaConfig model_config(const bpt::train::TrainConfig& c) {
   return config;
 }
 
-std::unique_ptr<bpt::data::DataLoader> make_loader(const bpt::train::DatasetConfig& d, const std::string& flag,
-                                                   const bpt::data::Tokenizer* tokenizer, int64_t vocab_size,
-                                                   uint64_t seed) {
-  if (d.type == "synthetic") {
-    return std::make_unique<bpt::data::SyntheticLoader>(vocab_size, d.seq_length, d.batch_size, seed);
-  }
-  if (d.type != "json") throw_input_error("--{}.type: expected json or synthetic, got '{}'", flag, d.type);
+std::unique_ptr<bpt::data::DataLoader> make_json_loader(const bpt::train::DatasetConfig& d, const std::string& flag,
+                                                        const bpt::data::Tokenizer* tokenizer, uint64_t seed) {
   if (tokenizer == nullptr) throw_input_error("--tokenizer.vocab_file: required for a json {}", flag);
   const std::vector<std::string> paths = bpt::split(d.path, ',');
   if (paths.empty()) throw_input_error("--{}.json_dataset.path: required for a json dataset", flag);
@@ -64,6 +60,25 @@ std::unique_ptr<bpt::data::DataLoader> make_loader(const bpt::train::DatasetConf
   packing.shuffle = d.shuffle;
   packing.tokenizer_threads = d.tokenizer_processes;
   return std::make_unique<bpt::data::PackedLoader>(corpus, processor, packing);
+}
+
+std::unique_ptr<bpt::data::DataLoader> make_loader(const bpt::train::DatasetConfig& d, const std::string& flag,
+                                                   const bpt::data::Tokenizer* tokenizer, int64_t vocab_size,
+                                                   uint64_t seed) {
+  if (d.type == "synthetic") {
+    return std::make_unique<bpt::data::SyntheticLoader>(vocab_size, d.seq_length, d.batch_size, seed);
+  }
+  if (d.type != "json") throw_input_error("--{}.type: expected json or synthetic, got '{}'", flag, d.type);
+  try {
+    return make_json_loader(d, flag, tokenizer, seed);
+  } catch (const bpt::InputError& e) {
+    const std::string message = e.what();
+    // Settings named without their dataset ("json_dataset.path: ...") get it in front.
+    if (message.rfind("json_dataset.", 0) == 0 || message.rfind("text_processor.", 0) == 0) {
+      throw_input_error("--{}.{}", flag, message);
+    }
+    throw;
+  }
 }
 
 int train(int argc, char** argv) {
@@ -124,6 +139,8 @@ int train(int argc, char** argv) {
   bpt::train::TrainerOptions options = config.trainer;
   options.resume_from = kind == "trainstate" ? checkpoint_dir : "";
   options.seq_length = config.train_dataset.seq_length;
+  // For crash tests: hold each checkpoint half-written this long (documented in docs/training.md).
+  if (const char* delay = std::getenv("BPT_CHECKPOINT_DELAY_MS")) options.save_delay_ms = std::atoll(delay);
   if (config.optimizer_type != "adamw") throw_input_error("--optimizer.type: only adamw, got '{}'", config.optimizer_type);
 
   bpt::train::Trainer trainer(options, config.adamw);

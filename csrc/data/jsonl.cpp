@@ -8,7 +8,7 @@
 namespace bpt::data {
 
 JsonlCorpus::JsonlCorpus(std::vector<std::string> paths) : paths_(std::move(paths)) {
-  if (paths_.empty()) throw InputError("train_dataset.json_dataset.path: no file given");
+  if (paths_.empty()) throw InputError("json_dataset.path: no file given");
   for (size_t f = 0; f < paths_.size(); ++f) {
     std::ifstream stream(paths_[f], std::ios::binary);
     if (!stream) throw_input_error("{}: cannot open the dataset file", paths_[f]);

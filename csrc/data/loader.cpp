@@ -31,10 +31,10 @@ std::vector<int64_t> permutation(int64_t n, uint64_t seed) {
 PackedLoader::PackedLoader(std::shared_ptr<const JsonlCorpus> corpus, std::shared_ptr<const TextProcessor> processor,
                            PackingOptions options)
     : corpus_(std::move(corpus)), processor_(std::move(processor)), options_(options) {
-  if (options_.seq_length < 1) throw_input_error("train_dataset.json_dataset.seq_length: expected >= 1, got {}", options_.seq_length);
-  if (options_.batch_size < 1) throw_input_error("train_dataset.json_dataset.batch_size: expected >= 1, got {}", options_.batch_size);
+  if (options_.seq_length < 1) throw_input_error("json_dataset.seq_length: expected >= 1, got {}", options_.seq_length);
+  if (options_.batch_size < 1) throw_input_error("json_dataset.batch_size: expected >= 1, got {}", options_.batch_size);
   if (options_.tokenizer_threads < 1) {
-    throw_input_error("train_dataset.json_dataset.tokenizer_processes: expected >= 1, got {}", options_.tokenizer_threads);
+    throw_input_error("json_dataset.tokenizer_processes: expected >= 1, got {}", options_.tokenizer_threads);
   }
   start_epoch(0);
 }
@@ -98,7 +98,7 @@ Batch PackedLoader::next() {
         continue;
       }
       empty_run = 0;
-      if (position_ != last_position) {
+      if (position_ != last_position || token_ == 0) {  // a new document (or the same one again)
         ++segment;
         last_position = position_;
       }
@@ -119,16 +119,20 @@ nlohmann::json PackedLoader::state() const {
 }
 
 void PackedLoader::restore(const nlohmann::json& state) {
-  if (!state.is_object() || !state.contains("epoch") || !state.contains("document") || !state.contains("token")) {
-    throw_input_error("dataset state {}: expected {{\"epoch\", \"document\", \"token\"}} of a JSON dataset", state.dump());
-  }
-  start_epoch(state["epoch"].get<int64_t>());
-  const int64_t document = state["document"].get<int64_t>();
-  if (document < 0 || document > static_cast<int64_t>(order_.size())) {
+  const auto count = [&](const char* key) -> int64_t {
+    if (!state.is_object() || !state.contains(key) || !state[key].is_number_integer() || state[key].get<int64_t>() < 0) {
+      throw_input_error("dataset state {}: expected {{\"epoch\", \"document\", \"token\"}} counts of a JSON dataset",
+                        state.dump());
+    }
+    return state[key].get<int64_t>();
+  };
+  const int64_t epoch = count("epoch"), document = count("document"), token = count("token");
+  start_epoch(epoch);
+  if (document > static_cast<int64_t>(order_.size())) {
     throw_input_error("dataset state: document {} outside this dataset's {} documents", document, order_.size());
   }
   position_ = document;
-  token_ = state["token"].get<int64_t>();
+  token_ = token;
 }
 
 SyntheticLoader::SyntheticLoader(int64_t vocab_size, int64_t seq_length, int64_t batch_size, uint64_t seed)
@@ -149,7 +153,7 @@ Batch SyntheticLoader::next() {
 nlohmann::json SyntheticLoader::state() const { return {{"synthetic_batches", batches_}}; }
 
 void SyntheticLoader::restore(const nlohmann::json& state) {
-  if (!state.is_object() || !state.contains("synthetic_batches")) {
+  if (!state.is_object() || !state.contains("synthetic_batches") || !state["synthetic_batches"].is_number_integer()) {
     throw_input_error("dataset state {}: expected {{\"synthetic_batches\"}} of a synthetic dataset", state.dump());
   }
   batches_ = state["synthetic_batches"].get<int64_t>();

@@ -22,12 +22,12 @@ TextProcessor::TextProcessor(const Tokenizer& tokenizer, const std::string& fiel
     } else {
       field.names = split(spec, '+');
       for (const std::string& name : field.names) {
-        if (name.empty()) throw_input_error("train_dataset.text_processor.fields: empty field name in '{}'", fields);
+        if (name.empty()) throw_input_error("text_processor.fields: empty field name in '{}'", fields);
       }
     }
     fields_.push_back(std::move(field));
   }
-  if (fields_.empty()) throw InputError("train_dataset.text_processor.fields: no field given (e.g. 'text')");
+  if (fields_.empty()) throw InputError("text_processor.fields: no field given (e.g. 'text')");
 }
 
 TokenizedDocument TextProcessor::operator()(const nlohmann::json& document, const std::string& where) const {

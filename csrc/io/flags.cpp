@@ -91,15 +91,18 @@ std::string toml_text(const toml::node& node, const std::string& where) {
   throw_input_error("{}: a table or date is not a setting value", where);
 }
 
-void flatten(const toml::table& table, const std::string& prefix, std::vector<std::pair<std::string, std::string>>& out,
-             const std::string& path) {
+struct Setting {
+  std::string name, value, where;  // where: "file:line"
+};
+
+void flatten(const toml::table& table, const std::string& prefix, std::vector<Setting>& out, const std::string& path) {
   for (const auto& [key, node] : table) {
     const std::string name = prefix + std::string(key.str());
     if (const auto* sub = node.as_table()) {
       flatten(*sub, name + ".", out, path);
     } else {
-      const auto line = node.source().begin.line;
-      out.emplace_back(name, toml_text(node, fmt::format("{}:{}", path, line)));
+      const std::string where = fmt::format("{}:{}", path, node.source().begin.line);
+      out.push_back({name, toml_text(node, where), where});
     }
   }
 }
@@ -115,9 +118,12 @@ void FlagSet::load_toml(const std::string& path) {
     if (where.line == 0) throw_input_error("{}: cannot read: {}", path, e.description());
     throw_input_error("{}:{}: {}", path, where.line, e.description());
   }
-  std::vector<std::pair<std::string, std::string>> settings;
+  std::vector<Setting> settings;
   flatten(table, "", settings, path);
-  for (const auto& [name, value] : settings) set(name, value, path);
+  for (const Setting& s : settings) {
+    if (s.name == "config") throw_input_error("{}: 'config' cannot name another file from inside one", s.where);
+    set(s.name, s.value, s.where);
+  }
 }
 
 bool FlagSet::parse(int argc, const char* const* argv) {
@@ -144,7 +150,7 @@ bool FlagSet::parse(int argc, const char* const* argv) {
     } else if (const Flag* flag = find(name); flag != nullptr && flag->is_bool &&
                                                (i + 1 == args.size() || args[i + 1].rfind("--", 0) == 0)) {
       value = "true";
-    } else if (i + 1 < args.size()) {
+    } else if (i + 1 < args.size() && args[i + 1].rfind("--", 0) != 0) {
       value = args[++i];
     } else {
       throw_input_error("--{}: missing value", name);

@@ -10,6 +10,7 @@ namespace bpt::train {
 
 void AdamWOptions::validate() const {
   if (!(lr >= 0)) throw_input_error("optimizer.adamw_optimizer.lr: expected >= 0, got {}", lr);
+  if (!(init_lr >= 0)) throw_input_error("optimizer.adamw_optimizer.init_lr: expected >= 0, got {}", init_lr);
   if (!(end_lr >= 0)) throw_input_error("optimizer.adamw_optimizer.end_lr: expected >= 0, got {}", end_lr);
   if (lr_warmup_steps < 0) throw_input_error("optimizer.adamw_optimizer.lr_warmup_steps: expected >= 0, got {}", lr_warmup_steps);
   if (lr_decay_steps < 0) throw_input_error("optimizer.adamw_optimizer.lr_decay_steps: expected >= 0, got {}", lr_decay_steps);
@@ -28,7 +29,9 @@ void AdamWOptions::validate() const {
 }
 
 double learning_rate(const AdamWOptions& o, int64_t step) {
-  if (step < o.lr_warmup_steps) return o.lr * static_cast<double>(step) / static_cast<double>(o.lr_warmup_steps);
+  if (step < o.lr_warmup_steps) {
+    return o.init_lr + (o.lr - o.init_lr) * static_cast<double>(step) / static_cast<double>(o.lr_warmup_steps);
+  }
   if (o.lr_decay_steps <= o.lr_warmup_steps) return o.lr_decay_steps > 0 ? o.end_lr : o.lr;
   if (step >= o.lr_decay_steps) return o.end_lr;
   const double progress =
@@ -104,6 +107,15 @@ StepReport AdamW::step() {
   return report;
 }
 
+void AdamW::restart_at(int64_t steps) {
+  at::NoGradGuard no_grad;
+  steps_done_ = steps;
+  for (Slot& slot : slots_) {
+    if (!slot.master.is_same(slot.param)) slot.master.copy_(slot.param);
+    slot.step.fill_(static_cast<double>(steps));
+  }
+}
+
 std::vector<std::pair<std::string, at::Tensor>> AdamW::state() const {
   std::vector<std::pair<std::string, at::Tensor>> result;
   result.emplace_back("step", at::tensor({steps_done_}, at::kLong));
@@ -130,7 +142,14 @@ void AdamW::load_state(const std::function<at::Tensor(const std::string&)>& look
       target->copy_(value);
     }
     slot.step.fill_(static_cast<double>(steps_done_));
-    if (!slot.master.is_same(slot.param)) slot.master.copy_(lookup(slot.name + ".master"));
+    if (!slot.master.is_same(slot.param)) {
+      const at::Tensor master = lookup(slot.name + ".master");
+      if (master.sizes() != slot.master.sizes()) {
+        throw_input_error("optimizer state '{}.master': shape {}, expected {}", slot.name, master.sizes(),
+                          slot.master.sizes());
+      }
+      slot.master.copy_(master);
+    }
   }
 }
 

@@ -15,6 +15,7 @@
 namespace bpt::train {
 
 struct AdamWOptions {
+  double init_lr = 0.0;       // learning rate at step 0, the start of the warm-up
   double lr = 3e-4;           // peak learning rate
   double end_lr = 3e-5;       // learning rate at and after lr_decay_steps
   int64_t lr_warmup_steps = 0;
@@ -29,7 +30,7 @@ struct AdamWOptions {
   void validate() const;
 };
 
-// The learning rate of update number `step` (0-based): linear warm-up from 0 to lr over
+// The learning rate of update number `step` (0-based): linear warm-up from init_lr to lr over
 // lr_warmup_steps updates, then cosine (or linear) decay to end_lr, reached at lr_decay_steps.
 double learning_rate(const AdamWOptions& options, int64_t step);
 
@@ -51,6 +52,9 @@ class AdamW {
   StepReport step();
 
   int64_t steps_done() const { return steps_done_; }
+  // Continues the schedule from `steps` updates with fresh moments (a checkpoint saved without
+  // optimizer state), and takes the masters from the parameters as they are now.
+  void restart_at(int64_t steps);
   const AdamWOptions& options() const { return options_; }
 
   // Optimizer state as named tensors ("<param>.exp_avg", "<param>.exp_avg_sq", "<param>.master"

@@ -1,7 +1,11 @@
 #include "csrc/train/checkpointer.h"
 
+#include <signal.h>
+
+#include <cerrno>
 #include <filesystem>
 #include <fstream>
+#include <nlohmann/json.hpp>
 #include <thread>
 
 #include "csrc/common/error.h"
@@ -11,12 +15,16 @@
 namespace bpt::train {
 namespace fs = std::filesystem;
 
-Checkpointer::Checkpointer(std::string output_dir, bool save_optimizer_state)
-    : output_dir_(std::move(output_dir)), save_optimizer_state_(save_optimizer_state) {
+Checkpointer::Checkpointer(std::string output_dir, bool save_optimizer_state, int64_t save_delay_ms)
+    : output_dir_(std::move(output_dir)), save_optimizer_state_(save_optimizer_state), save_delay_ms_(save_delay_ms) {
   fs::create_directories(output_dir_);
-  // Left by a run killed while saving: never complete, never read.
+  // Left by a run killed while saving (its process is gone): never complete, never read.
   for (const auto& entry : fs::directory_iterator(output_dir_)) {
-    if (entry.path().filename().string().find(".tmp-") != std::string::npos) fs::remove_all(entry.path());
+    const std::string name = entry.path().filename().string();
+    const size_t tmp = name.find(".tmp-");
+    if (tmp == std::string::npos) continue;
+    const pid_t pid = static_cast<pid_t>(std::atoll(name.c_str() + tmp + 5));
+    if (pid > 0 && ::kill(pid, 0) != 0 && errno == ESRCH) fs::remove_all(entry.path());
   }
 }
 
@@ -27,10 +35,7 @@ void Checkpointer::save(const std::string& name, const TrainModule& module, cons
   if (save_optimizer_state_) {
     io::save_safetensors((fs::path(dir.path()) / "optimizer.safetensors").string(), optimizer.state());
   }
-  // For crash tests: hold the half-written checkpoint open a while.
-  if (const char* delay = std::getenv("BPT_CHECKPOINT_DELAY_MS")) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(std::atoi(delay)));
-  }
+  if (save_delay_ms_ > 0) std::this_thread::sleep_for(std::chrono::milliseconds(save_delay_ms_));
   io::write_file_atomically((fs::path(dir.path()) / "trainer_state.json").string(), trainer_state.dump(1) + "\n");
   dir.commit();
 }
@@ -46,7 +51,8 @@ std::optional<std::string> Checkpointer::latest() const {
     }
     std::ifstream stream(state);
     const nlohmann::json json = nlohmann::json::parse(stream, nullptr, /*allow_exceptions=*/false);
-    if (json.is_object() && json.contains("step") && json["step"].get<int64_t>() > best_step) {
+    if (json.is_object() && json.contains("step") && json["step"].is_number_integer() &&
+        json["step"].get<int64_t>() > best_step) {
       best_step = json["step"].get<int64_t>();
       best = entry.path().string();
     }
@@ -54,7 +60,7 @@ std::optional<std::string> Checkpointer::latest() const {
   return best;
 }
 
-nlohmann::json Checkpointer::load(const std::string& dir, TrainModule& module, AdamW* optimizer) {
+nlohmann::json Checkpointer::read_state(const std::string& dir) {
   const fs::path state_path = fs::path(dir) / "trainer_state.json";
   std::ifstream stream(state_path);
   if (!stream) throw_input_error("{}: not a training checkpoint (no trainer_state.json)", dir);
@@ -64,13 +70,19 @@ nlohmann::json Checkpointer::load(const std::string& dir, TrainModule& module, A
   } catch (const nlohmann::json::exception& e) {
     throw_input_error("{}: not valid JSON: {}", state_path.string(), e.what());
   }
-  module.load(dir);
-  const fs::path optimizer_path = fs::path(dir) / "optimizer.safetensors";
-  if (optimizer != nullptr && fs::exists(optimizer_path)) {
-    const io::SafetensorsFile file(optimizer_path.string());
-    optimizer->load_state([&](const std::string& name) { return file.tensor(name); });
+  if (!state.is_object() || !state.contains("step") || !state["step"].is_number_integer() ||
+      !state.contains("dataset")) {
+    throw_input_error("{}: expected {{\"step\": int, \"dataset\": ...}}", state_path.string());
   }
   return state;
+}
+
+bool Checkpointer::load_optimizer(const std::string& dir, AdamW& optimizer) {
+  const fs::path path = fs::path(dir) / "optimizer.safetensors";
+  if (!fs::exists(path)) return false;
+  const io::SafetensorsFile file(path.string());
+  optimizer.load_state([&](const std::string& name) { return file.tensor(name); });
+  return true;
 }
 
 }  // namespace bpt::train

@@ -5,7 +5,7 @@
 // Face names for LLaMA), `optimizer.safetensors` (if saved) and `trainer_state.json`: step,
 // data loader position, random state. A crash at any moment leaves every earlier checkpoint
 // complete; latest() finds the newest.
-#include <nlohmann/json.hpp>
+#include <nlohmann/json_fwd.hpp>
 
 #include <cstdint>
 #include <optional>
@@ -18,7 +18,8 @@ namespace bpt::train {
 
 class Checkpointer {
  public:
-  Checkpointer(std::string output_dir, bool save_optimizer_state);
+  // save_delay_ms: a pause inside every save, before it is complete (crash tests only).
+  Checkpointer(std::string output_dir, bool save_optimizer_state, int64_t save_delay_ms = 0);
 
   // Saves into output_dir/<name>; trainer_state is written as trainer_state.json.
   void save(const std::string& name, const TrainModule& module, const AdamW& optimizer,
@@ -26,12 +27,15 @@ class Checkpointer {
   // The newest complete checkpoint (by step) in output_dir, if any.
   std::optional<std::string> latest() const;
 
-  // Restores weights, optimizer state (if present) and returns trainer_state.json.
-  static nlohmann::json load(const std::string& dir, TrainModule& module, AdamW* optimizer);
+  // trainer_state.json of the checkpoint in `dir`; InputError if missing or malformed.
+  static nlohmann::json read_state(const std::string& dir);
+  // Restores the optimizer state saved in `dir`; false if the checkpoint has none.
+  static bool load_optimizer(const std::string& dir, AdamW& optimizer);
 
  private:
   std::string output_dir_;
   bool save_optimizer_state_;
+  int64_t save_delay_ms_;
 };
 
 }  // namespace bpt::train

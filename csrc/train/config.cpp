@@ -40,6 +40,7 @@ void register_flags(TrainConfig& c, io::FlagSet& flags) {
   flags.add("tokenizer.vocab_file", "SentencePiece tokenizer.model (json datasets)", &c.tokenizer_vocab_file);
   flags.add("optimizer.type", "adamw (the only one)", &c.optimizer_type);
   AdamWOptions& a = c.adamw;
+  flags.add("optimizer.adamw_optimizer.init_lr", "learning rate at step 0, where the warm-up starts", &a.init_lr);
   flags.add("optimizer.adamw_optimizer.lr", "peak learning rate", &a.lr);
   flags.add("optimizer.adamw_optimizer.end_lr", "learning rate at the end of the decay", &a.end_lr);
   flags.add("optimizer.adamw_optimizer.lr_warmup_steps", "linear warm-up steps", &a.lr_warmup_steps);
@@ -54,6 +55,8 @@ void register_flags(TrainConfig& c, io::FlagSet& flags) {
   flags.add("optimizer.adamw_optimizer.eps", "Adam epsilon", &a.eps);
   flags.add("optimizer.adamw_optimizer.clip_gradient", "global gradient-norm clip; 0: off", &a.clip_gradient);
   flags.add("optimizer.adamw_optimizer.accumulate_gradient_steps", "micro-batches per optimizer step",
+            &c.trainer.accumulate_gradient_steps);
+  flags.add("optimizer.accumulate_gradient_steps", "the same (EasyLM's name for it)",
             &c.trainer.accumulate_gradient_steps);
   register_dataset(c.train_dataset, "train_dataset", flags);
   register_dataset(c.eval_dataset, "eval_dataset", flags);

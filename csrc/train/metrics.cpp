@@ -7,6 +7,7 @@
 #include <sstream>
 
 #include "csrc/common/error.h"
+#include "csrc/io/atomic_file.h"
 
 namespace bpt::train {
 
@@ -24,9 +25,9 @@ MetricsLog::MetricsLog(const std::string& output_dir, const std::string& progres
     throw_input_error("progress: expected auto, always or never, got '{}'", progress);
   }
   std::filesystem::create_directories(output_dir);
-  const std::string path = (std::filesystem::path(output_dir) / "metrics.jsonl").string();
-  file_ = std::fopen(path.c_str(), "a");
-  if (file_ == nullptr) throw_input_error("{}: cannot open for writing", path);
+  path_ = (std::filesystem::path(output_dir) / "metrics.jsonl").string();
+  file_ = std::fopen(path_.c_str(), "a");
+  if (file_ == nullptr) throw_input_error("{}: cannot open for writing", path_);
 }
 
 MetricsLog::~MetricsLog() {
@@ -48,6 +49,23 @@ std::string duration(double seconds) {
 void MetricsLog::write(const nlohmann::json& record) {
   std::fprintf(file_, "%s\n", record.dump().c_str());
   std::fflush(file_);
+}
+
+void MetricsLog::drop_after(int64_t step) {
+  std::fclose(file_);
+  std::string kept;
+  std::ifstream stream(path_);
+  for (std::string line; std::getline(stream, line);) {
+    const nlohmann::json record = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
+    if (record.is_object() && record.contains("step") && record["step"].is_number_integer() &&
+        record["step"].get<int64_t>() > step) {
+      continue;
+    }
+    kept += line + "\n";
+  }
+  io::write_file_atomically(path_, kept);
+  file_ = std::fopen(path_.c_str(), "a");
+  if (file_ == nullptr) throw_input_error("{}: cannot open for writing", path_);
 }
 
 void MetricsLog::log(const nlohmann::json& record, double eta_s) {

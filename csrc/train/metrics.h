@@ -24,8 +24,11 @@ class MetricsLog {
   void note(const std::string& line);
   // A metrics.jsonl line only.
   void write(const nlohmann::json& record);
+  // Removes the lines of steps after `step` (logged by a run that crashed before saving them).
+  void drop_after(int64_t step);
 
  private:
+  std::string path_;
   std::FILE* file_ = nullptr;
   bool bar_;
   bool bar_drawn_ = false;

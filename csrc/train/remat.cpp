@@ -5,7 +5,10 @@
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
 
+#include <algorithm>
+
 #include "csrc/common/error.h"
+#include "models/llama/llama.h"
 
 namespace bpt::train {
 namespace {
@@ -67,6 +70,10 @@ class Checkpoint : public torch::autograd::Function<Checkpoint> {
 }  // namespace
 
 std::vector<at::Tensor> checkpoint(const TensorFn& fn, const std::vector<at::Tensor>& inputs) {
+  // Backward reaches the parameters inside fn only through an input that requires grad;
+  // without one (or without grad mode) there is nothing to recompute for.
+  const bool any_grad = std::any_of(inputs.begin(), inputs.end(), [](const at::Tensor& t) { return t.requires_grad(); });
+  if (!at::GradMode::is_enabled() || !any_grad) return fn(inputs);
   return Checkpoint::apply(fn, at::TensorList(inputs));
 }
 

@@ -7,8 +7,8 @@
 //
 // llamabpt's --llama.remat_policy, per transformer block:
 //   nothing_saveable     the whole block is recomputed in backward; only its input is kept
-//   checkpoint_dots      the block's matmul outputs are kept; norms, rotary, activations and
-//                        the attention core are recomputed from them
+//   checkpoint_dots      llamabpt keeps the block's matmul outputs; bpt approximates it by
+//                        recomputing the two residual halves of the block apart (below)
 //   everything_saveable  no recomputation
 #include <ATen/core/Tensor.h>
 
@@ -16,7 +16,9 @@
 #include <string>
 #include <vector>
 
-#include "models/llama/llama.h"
+namespace bpt::models::llama {
+class LlamaModelImpl;
+}
 
 namespace bpt::train {
 
@@ -33,8 +35,8 @@ RematPolicy parse_remat_policy(const std::string& name);
 
 // Sets how `model` runs its layers under `policy`. bpt's blockwise ops keep no [T, T] or
 // [T, hidden] intermediates of their own, so checkpoint_dots comes down to recomputing each
-// residual half of a layer (attention, then MLP) apart, keeping the output of the attention
-// half's o_proj between them; nothing_saveable recomputes the whole layer from its input.
+// residual half of a layer (attention, then MLP) apart, keeping the residual stream between
+// them (h + o_proj(attention)); nothing_saveable recomputes the whole layer from its input.
 void apply_remat(models::llama::LlamaModelImpl& model, RematPolicy policy);
 
 }  // namespace bpt::train

@@ -16,7 +16,11 @@ namespace bpt::train {
 namespace {
 
 std::atomic<bool> stop_requested{false};
-extern "C" void request_stop(int) { stop_requested = true; }
+// The first signal asks for a clean stop; a second one (the default action) ends the process.
+extern "C" void request_stop(int signal_number) {
+  stop_requested = true;
+  std::signal(signal_number, SIG_DFL);
+}
 
 // SIGINT and SIGTERM ask the loop to stop after the current step, while fit() runs.
 class StopSignals {
@@ -57,7 +61,9 @@ void restore_rng(const nlohmann::json& bytes) {
 double measure_peak_flops(at::ScalarType dtype) {
   at::NoGradGuard no_grad;
   constexpr int64_t n = 2048;
-  const at::Tensor a = at::randn({n, n}).to(dtype), b = at::randn({n, n}).to(dtype);
+  // A generator of its own: the global one belongs to training (and a resumed run's state).
+  at::Generator generator = at::make_generator<at::CPUGeneratorImpl>(0);
+  const at::Tensor a = at::randn({n, n}, generator).to(dtype), b = at::randn({n, n}, generator).to(dtype);
   at::mm(a, b);  // warm-up
   const auto start = Clock::now();
   constexpr int reps = 3;
@@ -81,23 +87,39 @@ Trainer::Trainer(TrainerOptions options, AdamWOptions adamw) : options_(std::mov
 
 FitResult Trainer::fit(TrainModule& module, data::DataLoader& train, data::DataLoader* eval) {
   const StopSignals signals;
-  AdamW optimizer(module.named_parameters(), module.configure_optimizers(adamw_));
-  const Checkpointer checkpointer(options_.output_dir, options_.save_optimizer_state);
+  const Checkpointer checkpointer(options_.output_dir, options_.save_optimizer_state, options_.save_delay_ms);
   MetricsLog metrics(options_.output_dir, options_.progress, options_.total_steps);
 
+  // Weights first: the optimizer takes its fp32 masters from the parameters it is given.
   FitResult result;
   std::string resume_from = options_.resume_from;
   if (options_.autoresume) {
     if (const auto latest = checkpointer.latest()) resume_from = *latest;
   }
+  nlohmann::json resumed;
   if (!resume_from.empty()) {
-    const nlohmann::json state = Checkpointer::load(resume_from, module, &optimizer);
-    result.steps = state.at("step").get<int64_t>();
-    result.skipped_steps = state.value("skipped_steps", int64_t{0});
-    train.restore(state.at("dataset"));
-    if (state.contains("rng")) restore_rng(state["rng"]);
+    resumed = Checkpointer::read_state(resume_from);
+    module.load(resume_from);
+  }
+  AdamW optimizer(module.named_parameters(), module.configure_optimizers(adamw_));
+  if (!resume_from.empty()) {
+    result.steps = resumed["step"].get<int64_t>();
+    result.skipped_steps = resumed.value("skipped_steps", int64_t{0});
+    if (!Checkpointer::load_optimizer(resume_from, optimizer)) {
+      optimizer.restart_at(result.steps - result.skipped_steps);
+      metrics.note(fmt::format("{}: no optimizer state; Adam's moments start again at zero", resume_from));
+    }
+    try {
+      train.restore(resumed["dataset"]);
+      if (resumed.contains("rng")) restore_rng(resumed["rng"]);
+    } catch (const nlohmann::json::exception& e) {
+      throw_input_error("{}/trainer_state.json: {}", resume_from, e.what());
+    }
+    metrics.drop_after(result.steps);  // lines a crashed run logged past its last checkpoint
     metrics.note(fmt::format("resumed from {} at step {}", resume_from, result.steps));
   }
+  // Every evaluation reads the same batches: the eval loader goes back here each time.
+  const nlohmann::json eval_start = eval != nullptr ? eval->state() : nlohmann::json();
 
   const double flops_per_token = module.flops_per_token(options_.seq_length);
   double peak_flops = options_.peak_flops;
@@ -163,6 +185,7 @@ FitResult Trainer::fit(TrainModule& module, data::DataLoader& train, data::DataL
     }
     if (eval != nullptr && options_.eval_freq > 0 && result.steps % options_.eval_freq == 0) {
       at::NoGradGuard no_grad;
+      eval->restore(eval_start);
       double loss = 0, tokens = 0, correct = 0;
       for (int64_t i = 0; i < options_.eval_steps; ++i) {
         const auto out = module.validation_step(eval->next());

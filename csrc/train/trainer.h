@@ -10,7 +10,9 @@
 //
 // Resuming (--autoresume, or load_checkpoint=trainstate::DIR) restores weights, optimizer,
 // step, data position and random state, so a resumed run continues exactly as one that never
-// stopped. SIGINT/SIGTERM finish the current step, save a checkpoint and return.
+// stopped (given the optimizer state was saved). Every evaluation reads the same eval
+// batches. SIGINT/SIGTERM finish the current step, save a checkpoint and return; a second
+// signal ends the process at once.
 #include <cstdint>
 #include <string>
 
@@ -34,6 +36,7 @@ struct TrainerOptions {
   int64_t seq_length = 0;   // for MFU
   double peak_flops = 0;    // 0: measured once
   std::string progress = "auto";
+  int64_t save_delay_ms = 0;  // a pause inside each checkpoint save (crash tests only)
 };
 
 struct FitResult {

@@ -155,6 +155,24 @@ TEST_CASE("a restored loader replays the same batches, whatever the thread count
   fs::remove_all(dir);
 }
 
+TEST_CASE("a document seen again in the same row gets a segment of its own", "[data]") {
+  const fs::path dir = scratch("single");
+  auto corpus = std::make_shared<bpt::data::JsonlCorpus>(
+      std::vector<std::string>{write_jsonl(dir / "d.jsonl", {R"({"text": "GNU"})"}).string()});
+  auto processor = std::make_shared<bpt::data::TextProcessor>(tokenizer(), "text");
+  const int64_t n = static_cast<int64_t>((*processor)(corpus->document(0), "").tokens.size());
+  bpt::data::PackingOptions options;
+  options.seq_length = 3 * n;
+  options.batch_size = 1;
+  bpt::data::PackedLoader loader(corpus, processor, options);
+  const bpt::data::Batch batch = loader.next();
+  for (int64_t t = 0; t < 3 * n; ++t) {
+    REQUIRE(batch.segment_ids[0][t].item<int64_t>() == 1 + t / n);
+    REQUIRE((batch.targets[0][t].item<int64_t>() == -100) == (t % n == n - 1));
+  }
+  fs::remove_all(dir);
+}
+
 TEST_CASE("the document order is a seeded permutation", "[data]") {
   const auto a = bpt::data::permutation(100, 1), b = bpt::data::permutation(100, 1), c = bpt::data::permutation(100, 2);
   REQUIRE(a == b);

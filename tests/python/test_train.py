@@ -83,6 +83,34 @@ def test_sigkill_while_saving_keeps_the_previous_checkpoint(tmp_path, corpus):
     assert "at step 5" in resumed.stdout
     assert not any(".tmp-" in p.name for p in out.iterdir())
     assert json.loads((out / "checkpoint" / "trainer_state.json").read_text())["step"] == 10
+    # The killed run logged steps 6-10 before dying; the resumed run replaced them.
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 11))
+
+
+def test_resume_without_optimizer_state_keeps_the_weights(tmp_path, corpus):
+    """bf16 weights with fp32 masters: the masters must come from the loaded weights."""
+    args = ["--dtype=bf16", "--checkpointer.save_optimizer_state=false"]
+    first = run_app("train", *json_run(corpus, tmp_path / "run", "--total_steps=12", *args))
+    assert first.returncode == 0, first.stderr
+    before = losses(tmp_path / "run")
+    resumed = run_app("train", *json_run(corpus, tmp_path / "run", "--total_steps=14", "--autoresume", *args))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "no optimizer state" in resumed.stdout
+    after = losses(tmp_path / "run")[12:]
+    assert after[0] < before[0] - 0.3  # trained weights, not a fresh initialisation
+
+
+def test_every_evaluation_reads_the_same_batches(tmp_path, corpus):
+    result = run_app("train", *json_run(corpus, tmp_path / "run", "--total_steps=4", "--eval_freq=2", "--eval_steps=2",
+                                        "--optimizer.adamw_optimizer.lr=0", "--optimizer.adamw_optimizer.end_lr=0",
+                                        "--eval_dataset.type=json",
+                                        f"--eval_dataset.json_dataset.path={corpus / 'train.jsonl'}",
+                                        "--eval_dataset.json_dataset.seq_length=64"))
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r["eval_loss"] for r in records if "eval_loss" in r]
+    assert len(evals) == 2 and evals[0] == evals[1]  # lr 0: same weights, and the same batches
 
 
 def test_a_tiny_model_learns_a_repeated_sentence(tmp_path, corpus):
@@ -164,7 +192,7 @@ def test_config_file_and_its_errors(tmp_path):
     assert broken.returncode == 2 and f"{config}:1:" in broken.stderr
     config.write_text("[optimizer.adamw_optimizer]\nlr = 'fast'\n")
     typed = run_app("train", "--config", config)
-    assert typed.returncode == 2 and f"{config}: optimizer.adamw_optimizer.lr: expected a number" in typed.stderr
+    assert typed.returncode == 2 and f"{config}:2: optimizer.adamw_optimizer.lr: expected a number" in typed.stderr
 
 
 def test_help_lists_every_flag_with_its_default():
