@@ -143,15 +143,32 @@ at::Tensor inverse_count(const Rows& rows, at::ScalarType acc) {
   return 1.0 / rows.valid.sum().clamp_min(1).to(acc);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_impl(const at::Tensor& h, const at::Tensor& w_head,
-                                                         const at::Tensor& targets, int64_t chunk,
-                                                         int64_t ignore_index, double z_loss, bool float32_logits) {
+// The loss over all chunks and, with `with_grad`, its gradients for grad_loss = 1 from the same
+// pass over the logits.
+struct LossResult {
+  at::Tensor loss, n_tokens;
+  PassResult pass;
+};
+
+LossResult loss_pass(const at::Tensor& h, const at::Tensor& w_head, const at::Tensor& targets, int64_t chunk,
+                     int64_t ignore_index, double z_loss, bool float32_logits, bool with_grad) {
   check_args(h, w_head, targets, chunk, z_loss);
   const Rows rows = as_rows(h, targets, chunk, ignore_index);
   check_targets(rows, w_head.size(0), ignore_index);
-  const PassResult r = chunked_pass(rows, w_head, z_loss, float32_logits, /*loss=*/true, std::nullopt);
-  const at::Tensor loss = (r.ce_sum + r.z_sum * z_loss) * inverse_count(rows, accumulate_type(h));
-  return {loss, rows.valid.sum(), r.n_correct};
+  const at::Tensor coef = inverse_count(rows, accumulate_type(h));
+  LossResult r;
+  r.pass = chunked_pass(rows, w_head, z_loss, float32_logits, /*loss=*/true,
+                        with_grad ? std::optional<at::Tensor>(coef) : std::nullopt);
+  r.loss = (r.pass.ce_sum + r.pass.z_sum * z_loss) * coef;
+  r.n_tokens = rows.valid.sum();
+  return r;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_impl(const at::Tensor& h, const at::Tensor& w_head,
+                                                         const at::Tensor& targets, int64_t chunk,
+                                                         int64_t ignore_index, double z_loss, bool float32_logits) {
+  const LossResult r = loss_pass(h, w_head, targets, chunk, ignore_index, z_loss, float32_logits, false);
+  return {r.loss, r.n_tokens, r.pass.n_correct};
 }
 
 std::tuple<at::Tensor, at::Tensor> loss_backward_impl(const at::Tensor& grad_loss, const at::Tensor& h,
@@ -172,13 +189,8 @@ std::tuple<at::Tensor, at::Tensor> loss_backward_impl(const at::Tensor& grad_los
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> loss_with_grad_impl(
     const at::Tensor& h, const at::Tensor& w_head, const at::Tensor& targets, int64_t chunk, int64_t ignore_index,
     double z_loss, bool float32_logits) {
-  check_args(h, w_head, targets, chunk, z_loss);
-  const Rows rows = as_rows(h, targets, chunk, ignore_index);
-  check_targets(rows, w_head.size(0), ignore_index);
-  const at::Tensor coef = inverse_count(rows, accumulate_type(h));
-  const PassResult r = chunked_pass(rows, w_head, z_loss, float32_logits, /*loss=*/true, coef);
-  const at::Tensor loss = (r.ce_sum + r.z_sum * z_loss) * coef;
-  return {loss, rows.valid.sum(), r.n_correct, r.dh.view(h.sizes()), r.dw.to(w_head.scalar_type())};
+  const LossResult r = loss_pass(h, w_head, targets, chunk, ignore_index, z_loss, float32_logits, true);
+  return {r.loss, r.n_tokens, r.pass.n_correct, r.pass.dh.view(h.sizes()), r.pass.dw.to(w_head.scalar_type())};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_meta(const at::Tensor& h, const at::Tensor& w_head,
