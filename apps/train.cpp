@@ -139,6 +139,8 @@ int train(int argc, char** argv) {
   bpt::train::TrainerOptions options = config.trainer;
   options.resume_from = kind == "trainstate" ? checkpoint_dir : "";
   options.seq_length = config.train_dataset.seq_length;
+  options.run_config = flags.values();
+  for (const auto& [field, value] : config.llama_overrides) options.run_config.emplace_back("llama." + field, value);
   // For crash tests: hold each checkpoint half-written this long (documented in docs/training.md).
   if (const char* delay = std::getenv("BPT_CHECKPOINT_DELAY_MS")) options.save_delay_ms = std::atoll(delay);
   if (config.optimizer_type != "adamw") throw_input_error("--optimizer.type: only adamw, got '{}'", config.optimizer_type);

@@ -160,6 +160,12 @@ bool FlagSet::parse(int argc, const char* const* argv) {
   return false;
 }
 
+std::vector<std::pair<std::string, std::string>> FlagSet::values() const {
+  std::vector<std::pair<std::string, std::string>> result;
+  for (const Flag& flag : flags_) result.emplace_back(flag.name, flag.get());
+  return result;
+}
+
 std::string FlagSet::help() const {
   std::ostringstream out;
   size_t width = 0;

@@ -40,6 +40,9 @@ class FlagSet {
 
   // Every setting with its current value and help, for --help.
   std::string help() const;
+  // Every setting's current value by name, the prefixed ones included (for the record a
+  // checkpoint keeps of the run that wrote it).
+  std::vector<std::pair<std::string, std::string>> values() const;
 
  private:
   struct Flag {

@@ -128,9 +128,12 @@ FitResult Trainer::fit(TrainModule& module, data::DataLoader& train, data::DataL
     peak_flops = measure_peak_flops(parameters.empty() ? at::kFloat : parameters.front().second.scalar_type());
   }
   const auto trainer_state = [&] {
+    nlohmann::json config = nlohmann::json::object();
+    for (const auto& [name, value] : options_.run_config) config[name] = value;
     return nlohmann::json{{"step", result.steps},
                           {"skipped_steps", result.skipped_steps},
                           {"dataset", train.state()},
+                          {"config", config},
                           {"rng", rng_state()}};
   };
   const auto save = [&](const std::string& name) {

@@ -37,6 +37,8 @@ struct TrainerOptions {
   double peak_flops = 0;    // 0: measured once
   std::string progress = "auto";
   int64_t save_delay_ms = 0;  // a pause inside each checkpoint save (crash tests only)
+  // The run's settings, kept in each checkpoint's trainer_state.json as "config".
+  std::vector<std::pair<std::string, std::string>> run_config;
 };
 
 struct FitResult {

@@ -145,6 +145,8 @@ def test_checkpoint_generates_and_loads_in_transformers(tmp_path, corpus):
     checkpoint = tmp_path / "run" / "checkpoint"
     assert (checkpoint / "tokenizer.model").is_file()
     LlamaForCausalLM.from_pretrained(checkpoint)
+    config = json.loads((checkpoint / "trainer_state.json").read_text())["config"]
+    assert config["total_steps"] == "3" and config["llama.q_chunk_size"] == "32"
     generated = run_app("generate", "--model", checkpoint, "--prompt", "This License", "--max_new_tokens", 8)
     assert generated.returncode == 0, generated.stderr
 
