@@ -53,14 +53,20 @@ inline int parse(CLI::App& app, int argc, char** argv) {
   return -1;
 }
 
-// Applies "--llama.<field>=value" (or "--llama.<field> value") arguments to `config`; any
-// other leftover argument is an unknown flag, reported with the nearest known one.
-inline void apply_llama_overrides(const CLI::App& app, const std::vector<std::string>& extras,
-                                  models::llama::LlamaConfig& config) {
+// "--name" for every long option of `app`.
+inline std::vector<std::string> known_flags(const CLI::App& app) {
   std::vector<std::string> known;
   for (const CLI::Option* option : app.get_options()) {
     for (const std::string& long_name : option->get_lnames()) known.push_back("--" + long_name);
   }
+  return known;
+}
+
+// Applies "--llama.<field>=value" (or "--llama.<field> value") arguments to `config`; any
+// other leftover argument is an unknown flag, reported with the nearest known one.
+inline void apply_llama_overrides(const CLI::App& app, const std::vector<std::string>& extras,
+                                  models::llama::LlamaConfig& config) {
+  std::vector<std::string> known = known_flags(app);
   for (const auto& [field, value] : config.fields()) known.push_back("--llama." + field);
 
   for (size_t i = 0; i < extras.size(); ++i) {
@@ -89,11 +95,7 @@ inline void apply_llama_overrides(const CLI::App& app, const std::vector<std::st
 // Any leftover argument is an unknown flag, reported with the nearest known one.
 inline void reject_extras(const CLI::App& app, const std::vector<std::string>& extras) {
   if (extras.empty()) return;
-  std::vector<std::string> known;
-  for (const CLI::Option* option : app.get_options()) {
-    for (const std::string& long_name : option->get_lnames()) known.push_back("--" + long_name);
-  }
-  throw InputError(unknown_name_message("flag", extras.front().substr(0, extras.front().find('=')), known));
+  throw InputError(unknown_name_message("flag", extras.front().substr(0, extras.front().find('=')), known_flags(app)));
 }
 
 // "--llama.<field>  <current value>" lines for --help.

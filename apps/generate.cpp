@@ -99,10 +99,7 @@ int generate(int argc, char** argv) {
   if (prompts.empty()) throw InputError("no prompt: give --prompt TEXT or --prompt_file FILE");
   if (tokenizer_path.empty()) tokenizer_path = model_dir + "/tokenizer.model";
   const bpt::data::Tokenizer tokenizer(tokenizer_path);
-  if (tokenizer.vocab_size() > config.vocab_size) {
-    throw_input_error("{}: the tokenizer has {} pieces but the model's vocab_size is {} (another model's tokenizer?)",
-                      tokenizer_path, tokenizer.vocab_size(), config.vocab_size);
-  }
+  tokenizer.check_fits(config.vocab_size);
   options.eos_ids = config.eos_token_ids;
   options.sampling.vocab_limit = tokenizer.vocab_size();
 
@@ -117,15 +114,14 @@ int generate(int argc, char** argv) {
     if (output == "text") std::printf("%s", prompt.c_str());
     const auto start = std::chrono::steady_clock::now();
     const std::vector<int64_t> ids = bpt::generate::generate(*decoder, prompt_ids, options, [&](int64_t id) {
-      const bool eos = std::find(options.eos_ids.begin(), options.eos_ids.end(), id) != options.eos_ids.end();
-      if (output == "text" && !eos) stream.push(id);
+      if (output == "text" && !options.is_eos(id)) stream.push(id);
     });
     const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     if (output == "json") {
       // "text": the continuation as text mode prints it after the prompt (EOS left out).
       std::vector<int64_t> all_ids = prompt_ids;
       for (const int64_t id : ids) {
-        if (std::find(options.eos_ids.begin(), options.eos_ids.end(), id) == options.eos_ids.end()) all_ids.push_back(id);
+        if (!options.is_eos(id)) all_ids.push_back(id);
       }
       const std::string continuation = tokenizer.decode(all_ids).substr(tokenizer.decode(prompt_ids).size());
       const nlohmann::json line = {{"prompt", prompt},

@@ -96,10 +96,7 @@ int train(int argc, char** argv) {
   std::unique_ptr<bpt::data::Tokenizer> tokenizer;
   if (!config.tokenizer_vocab_file.empty()) {
     tokenizer = std::make_unique<bpt::data::Tokenizer>(config.tokenizer_vocab_file);
-    if (tokenizer->vocab_size() > llama.vocab_size) {
-      throw_input_error("{}: the tokenizer has {} pieces but the model's vocab_size is {}",
-                        config.tokenizer_vocab_file, tokenizer->vocab_size(), llama.vocab_size);
-    }
+    tokenizer->check_fits(llama.vocab_size);
   }
   const auto train_data = make_loader(config.train_dataset, "train_dataset", tokenizer.get(), llama.vocab_size,
                                       static_cast<uint64_t>(config.seed));

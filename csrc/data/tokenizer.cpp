@@ -41,6 +41,13 @@ std::string Tokenizer::decode(const std::vector<int64_t>& ids) const {
 }
 
 int64_t Tokenizer::vocab_size() const { return processor_->GetPieceSize(); }
+
+void Tokenizer::check_fits(int64_t model_vocab_size) const {
+  if (vocab_size() > model_vocab_size) {
+    throw_input_error("{}: the tokenizer has {} pieces but the model's vocab_size is {} (another model's tokenizer?)",
+                      path_, vocab_size(), model_vocab_size);
+  }
+}
 int64_t Tokenizer::bos_id() const { return processor_->bos_id(); }
 int64_t Tokenizer::eos_id() const { return processor_->eos_id(); }
 

@@ -26,6 +26,10 @@ class Tokenizer {
   int64_t bos_id() const;  // -1 when the model defines none
   int64_t eos_id() const;
 
+  // InputError naming the file if the tokenizer has more pieces than a model's vocabulary
+  // (fewer is fine: a padded vocabulary).
+  void check_fits(int64_t model_vocab_size) const;
+
  private:
   std::string path_;
   std::unique_ptr<sentencepiece::SentencePieceProcessor> processor_;

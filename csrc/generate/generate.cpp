@@ -68,7 +68,7 @@ std::vector<int64_t> generate(Decoder& decoder, const std::vector<int64_t>& prom
     generated.push_back(id);
     context.push_back(id);
     if (on_token) on_token(id);
-    if (std::find(options.eos_ids.begin(), options.eos_ids.end(), id) != options.eos_ids.end()) break;
+    if (options.is_eos(id)) break;
     if (step + 1 < options.max_new_tokens) logits = decoder.feed({id});
   }
   return generated;

@@ -5,6 +5,7 @@
 // recomputed each step (the reference the cached path is tested against).
 #include <ATen/core/Tensor.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -33,6 +34,8 @@ struct GenerateOptions {
   SamplingOptions sampling;
   std::vector<int64_t> eos_ids;  // stop after producing any of these
   uint64_t seed = 0;
+
+  bool is_eos(int64_t id) const { return std::find(eos_ids.begin(), eos_ids.end(), id) != eos_ids.end(); }
 };
 
 // Generates after `prompt` (non-empty); calls `on_token` with each new id as it is chosen.

@@ -16,12 +16,6 @@ namespace bpt::io {
 namespace fs = std::filesystem;
 using models::llama::LlamaConfig;
 
-namespace {
-
-std::string shape_string(at::IntArrayRef shape) { return fmt::format("[{}]", fmt::join(shape, ", ")); }
-
-}  // namespace
-
 LlamaConfig read_llama_config(const std::string& dir) {
   const std::string path = (fs::path(dir) / "config.json").string();
   std::ifstream stream(path);

@@ -38,8 +38,6 @@ std::optional<at::ScalarType> parse_dtype(const std::string& name) {
   return std::nullopt;
 }
 
-std::string shape_string(const std::vector<int64_t>& shape) { return fmt::format("[{}]", fmt::join(shape, ", ")); }
-
 // One tensor's header entry, checked against the data section of `data_size` bytes.
 TensorInfo parse_entry(const std::string& where, const json& entry, uint64_t data_size) {
   if (!entry.is_object()) throw_input_error("{}: header entry is not an object", where);
@@ -89,6 +87,8 @@ TensorInfo parse_entry(const std::string& where, const json& entry, uint64_t dat
 }
 
 }  // namespace
+
+std::string shape_string(at::IntArrayRef shape) { return fmt::format("[{}]", fmt::join(shape, ", ")); }
 
 std::string dtype_name(at::ScalarType dtype) {
   for (const auto& [text, known] : kDtypes) {

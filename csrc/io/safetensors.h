@@ -91,4 +91,7 @@ std::vector<std::string> save_safetensors_dir(const std::string& dir, const Name
 // "F32" <-> at::kFloat, and so on for F64, F16, BF16, I64, I32, I16, I8, U8, BOOL.
 std::string dtype_name(at::ScalarType dtype);
 
+// "[64, 32]", for messages.
+std::string shape_string(at::IntArrayRef shape);
+
 }  // namespace bpt::io
