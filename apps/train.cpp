@@ -93,6 +93,9 @@ int train(int argc, char** argv) {
   }
 
   const bpt::models::llama::LlamaConfig llama = model_config(config);
+  if (config.dist_timeout_s < 1) throw_input_error("--dist_timeout: expected >= 1 second, got {}", config.dist_timeout_s);
+  const bpt::dist::Mesh mesh = bpt::dist::make_mesh(bpt::dist::launch_env(), config.mesh_dim,
+                                                    std::chrono::seconds(config.dist_timeout_s));
   std::unique_ptr<bpt::data::Tokenizer> tokenizer;
   if (!config.tokenizer_vocab_file.empty()) {
     tokenizer = std::make_unique<bpt::data::Tokenizer>(config.tokenizer_vocab_file);
@@ -122,6 +125,7 @@ int train(int argc, char** argv) {
   if (kind == "params" || kind == "hf") bpt::io::load_llama_weights(*model, checkpoint_dir);
   bpt::train::LlamaModule module(model, bpt::train::parse_remat_policy(llama.remat_policy));
   module.tokenizer_file = config.tokenizer_vocab_file;
+  if (mesh.sharded()) module.shard(mesh, config.fsdp);
 
   if (!config.load_dataset_state.empty()) {
     std::ifstream stream(config.load_dataset_state);
@@ -142,8 +146,9 @@ int train(int argc, char** argv) {
   if (const char* delay = std::getenv("BPT_CHECKPOINT_DELAY_MS")) options.save_delay_ms = std::atoll(delay);
   if (config.optimizer_type != "adamw") throw_input_error("--optimizer.type: only adamw, got '{}'", config.optimizer_type);
 
-  bpt::train::Trainer trainer(options, config.adamw);
+  bpt::train::Trainer trainer(options, config.adamw, mesh.world);
   const auto result = trainer.fit(module, *train_data, eval_data.get());
+  if (mesh.rank() != 0) return 0;
   std::printf("bpt-train: %s at step %lld, loss %.4f%s; checkpoint in %s/checkpoint\n",
               result.interrupted ? "stopped" : "done", static_cast<long long>(result.steps), result.last_loss,
               result.skipped_steps ? fmt::format(", {} steps skipped", result.skipped_steps).c_str() : "",

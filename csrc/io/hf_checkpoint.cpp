@@ -10,6 +10,7 @@
 #include "csrc/common/error.h"
 #include "csrc/io/atomic_file.h"
 #include "csrc/io/safetensors.h"
+#include "csrc/io/sharded_checkpoint.h"
 #include "models/llama/hf_names.h"
 
 namespace bpt::io {
@@ -29,40 +30,42 @@ LlamaConfig read_llama_config(const std::string& dir) {
   return models::llama::from_hf_json(json, path);
 }
 
-void load_llama_weights(models::llama::LlamaForCausalLMImpl& model, const std::string& dir) {
-  const SafetensorsDir checkpoint(dir);
+void read_llama_weights(const LlamaConfig& config, const TensorReader& checkpoint, const std::string& dir,
+                        const std::function<void(const std::string&, const at::Tensor&)>& use) {
   std::set<std::string> used;
-  at::NoGradGuard no_grad;
-  for (auto& item : model.named_parameters()) {
-    at::Tensor& parameter = item.value();
-    const std::string hf = models::llama::hf_name(item.key());
+  for (const auto& [hf, shape] : models::llama::hf_tensor_shapes(config)) {
     if (!checkpoint.contains(hf)) {
-      throw_input_error("{}: missing tensor '{}' (expected {} for this config)", dir, hf,
-                        shape_string(parameter.sizes()));
+      throw_input_error("{}: missing tensor '{}' (expected {} for this config)", dir, hf, shape_string(shape));
     }
-    const SafetensorsFile& file = checkpoint.file(hf);
-    const TensorInfo& info = file.info(hf);
-    if (at::IntArrayRef(info.shape) != parameter.sizes()) {
+    const TensorInfo& info = checkpoint.info(hf);
+    if (info.shape != shape) {
       throw_input_error("{}: tensor '{}' has shape {}, expected {} (vocab_size {}, hidden_size {}, intermediate_size "
-                        "{}, heads {}/{})", file.path(), hf, shape_string(info.shape),
-                        shape_string(parameter.sizes()), model.config.vocab_size, model.config.hidden_size,
-                        model.config.intermediate_size, model.config.num_attention_heads,
-                        model.config.num_key_value_heads);
+                        "{}, heads {}/{})", checkpoint.where(hf), hf, shape_string(info.shape), shape_string(shape),
+                        config.vocab_size, config.hidden_size, config.intermediate_size, config.num_attention_heads,
+                        config.num_key_value_heads);
     }
     if (!at::isFloatingType(info.dtype)) {
-      throw_input_error("{}: tensor '{}' is {}, expected a float type (F32, BF16, F16)", file.path(), hf,
+      throw_input_error("{}: tensor '{}' is {}, expected a float type (F32, BF16, F16)", checkpoint.where(hf), hf,
                         dtype_name(info.dtype));
     }
-    parameter.copy_(file.tensor(hf));
+    use(models::llama::bpt_name(hf), checkpoint.tensor(hf));
     used.insert(hf);
   }
   for (const std::string& hf : checkpoint.names()) {
-    if (!used.count(hf) && !models::llama::hf_ignorable(hf, model.config)) {
+    if (!used.count(hf) && !models::llama::hf_ignorable(hf, config)) {
       throw_input_error("{}: unexpected tensor '{}': this LLaMA config ({} layers{}) has no such parameter",
-                        checkpoint.file(hf).path(), hf, model.config.num_hidden_layers,
-                        model.config.tie_word_embeddings ? ", tied embeddings" : "");
+                        checkpoint.where(hf), hf, config.num_hidden_layers,
+                        config.tie_word_embeddings ? ", tied embeddings" : "");
     }
   }
+}
+
+void load_llama_weights(models::llama::LlamaForCausalLMImpl& model, const std::string& dir) {
+  const auto checkpoint = open_weights(dir);
+  auto parameters = model.named_parameters();
+  at::NoGradGuard no_grad;
+  read_llama_weights(model.config, *checkpoint, dir,
+                     [&](const std::string& name, const at::Tensor& tensor) { parameters[name].copy_(tensor); });
 }
 
 void save_llama(const models::llama::LlamaForCausalLMImpl& model, const std::string& dir,
@@ -81,10 +84,14 @@ void write_llama(const models::llama::LlamaForCausalLMImpl& model, const std::st
     tensors.emplace_back(models::llama::hf_name(item.key()), item.value().detach().to(at::kCPU, config.dtype));
   }
   save_safetensors_dir(dir, tensors, options.max_shard_bytes, {{"format", "pt"}});
-  nlohmann::json json = models::llama::to_hf_json(config);
-  if (!options.bpt_fields) json.erase("bpt");
-  write_file_atomically((fs::path(dir) / "config.json").string(), json.dump(2) + "\n");
+  write_llama_config(config, dir, options.bpt_fields);
   if (!options.tokenizer_from.empty()) copy_tokenizer_files(options.tokenizer_from, dir);
+}
+
+void write_llama_config(const LlamaConfig& config, const std::string& dir, bool bpt_fields) {
+  nlohmann::json json = models::llama::to_hf_json(config);
+  if (!bpt_fields) json.erase("bpt");
+  write_file_atomically((fs::path(dir) / "config.json").string(), json.dump(2) + "\n");
 }
 
 void copy_tokenizer_files(const std::string& from, const std::string& to) {

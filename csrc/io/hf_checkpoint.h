@@ -5,9 +5,11 @@
 #include <c10/core/ScalarType.h>
 
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <string>
 
+#include "csrc/io/safetensors.h"
 #include "models/llama/config.h"
 #include "models/llama/llama.h"
 
@@ -20,7 +22,13 @@ models::llama::LlamaConfig read_llama_config(const std::string& dir);
 // the model's dtype. A missing tensor, a wrong shape (say, another vocabulary size), a
 // non-float dtype or a tensor LLaMA has no place for is an InputError naming the file and the
 // tensor.
+// A sharded checkpoint (written by FSDP ranks, csrc/io/sharded_checkpoint.h) loads the same way.
 void load_llama_weights(models::llama::LlamaForCausalLMImpl& model, const std::string& dir);
+
+// The same checks, with each tensor (bpt name, whole, as stored) handed to `use` instead:
+// how a sharded model takes only its pieces. `dir` names the checkpoint in messages.
+void read_llama_weights(const models::llama::LlamaConfig& config, const TensorReader& checkpoint,
+                        const std::string& dir, const std::function<void(const std::string&, const at::Tensor&)>& use);
 
 struct SaveOptions {
   std::optional<c10::ScalarType> dtype;          // default: the model's
@@ -36,6 +44,9 @@ void save_llama(const models::llama::LlamaForCausalLMImpl& model, const std::str
 // The same files written into the existing directory `dir` (which the caller makes atomic).
 void write_llama(const models::llama::LlamaForCausalLMImpl& model, const std::string& dir,
                  const SaveOptions& options = {});
+
+// dir/config.json for `config` (with bpt's fields under "bpt" unless bpt_fields is false).
+void write_llama_config(const models::llama::LlamaConfig& config, const std::string& dir, bool bpt_fields = true);
 
 // Copies the tokenizer files found in `from` (tokenizer.model, tokenizer.json,
 // tokenizer_config.json, special_tokens_map.json, generation_config.json) into `to`.

@@ -26,7 +26,22 @@ struct TensorInfo {
   uint64_t end = 0;
 };
 
-class SafetensorsFile {
+// Named tensors of a checkpoint, whatever its layout (one safetensors file, HF shards, or the
+// pieces FSDP ranks wrote: csrc/io/sharded_checkpoint.h). Errors are InputErrors naming files.
+class TensorReader {
+ public:
+  virtual ~TensorReader() = default;
+  virtual std::vector<std::string> names() const = 0;
+  virtual bool contains(const std::string& name) const = 0;
+  // dtype and whole shape (the byte offsets mean something only for one file).
+  virtual const TensorInfo& info(const std::string& name) const = 0;
+  // An owned, contiguous CPU tensor in its stored dtype.
+  virtual at::Tensor tensor(const std::string& name) const = 0;
+  // The file (or files) holding `name`, for messages.
+  virtual std::string where(const std::string& name) const = 0;
+};
+
+class SafetensorsFile : public TensorReader {
  public:
   // Maps and validates `path`; throws InputError if it is missing, truncated or corrupt.
   explicit SafetensorsFile(const std::string& path);
@@ -36,11 +51,11 @@ class SafetensorsFile {
 
   const std::string& path() const { return path_; }
   // Tensor names in the order of their bytes in the file.
-  std::vector<std::string> names() const;
-  bool contains(const std::string& name) const { return tensors_.count(name) != 0; }
-  const TensorInfo& info(const std::string& name) const;
-  // An owned, contiguous CPU copy of the tensor in its stored dtype.
-  at::Tensor tensor(const std::string& name) const;
+  std::vector<std::string> names() const override;
+  bool contains(const std::string& name) const override { return tensors_.count(name) != 0; }
+  const TensorInfo& info(const std::string& name) const override;
+  at::Tensor tensor(const std::string& name) const override;
+  std::string where(const std::string& /*name*/) const override { return path_; }
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
 
  private:
@@ -60,19 +75,20 @@ void save_safetensors(const std::string& path, const NamedTensors& tensors,
 
 // The weights of a checkpoint directory as Hugging Face lays them out: one
 // `model.safetensors`, or shards listed by `model.safetensors.index.json` ("weight_map").
-class SafetensorsDir {
+class SafetensorsDir : public TensorReader {
  public:
   // Opens the index (or the single file) and every shard it names; validates that each
   // tensor the index lists is in its shard.
   explicit SafetensorsDir(const std::string& dir);
 
   const std::string& dir() const { return dir_; }
-  std::vector<std::string> names() const;
-  bool contains(const std::string& name) const { return file_of_.count(name) != 0; }
+  std::vector<std::string> names() const override;
+  bool contains(const std::string& name) const override { return file_of_.count(name) != 0; }
   // The file holding `name`; throws InputError naming the directory if absent.
   const SafetensorsFile& file(const std::string& name) const;
-  const TensorInfo& info(const std::string& name) const { return file(name).info(name); }
-  at::Tensor tensor(const std::string& name) const { return file(name).tensor(name); }
+  const TensorInfo& info(const std::string& name) const override { return file(name).info(name); }
+  at::Tensor tensor(const std::string& name) const override { return file(name).tensor(name); }
+  std::string where(const std::string& name) const override { return file(name).path(); }
 
  private:
   std::string dir_;

@@ -45,8 +45,10 @@ bool decays(const std::string& name, at::IntArrayRef sizes, const AdamWOptions& 
   return options.decay_embeddings || name.find("embed") == std::string::npos;
 }
 
-AdamW::AdamW(std::vector<std::pair<std::string, at::Tensor>> parameters, AdamWOptions options)
+AdamW::AdamW(std::vector<std::pair<std::string, at::Tensor>> parameters, AdamWOptions options,
+             const ShardedParameters* sharding)
     : options_(std::move(options)) {
+  if (sharding != nullptr) sum_squares_ = sharding->sum_squares;
   options_.validate();
   at::NoGradGuard no_grad;
   for (auto& [name, param] : parameters) {
@@ -57,7 +59,8 @@ AdamW::AdamW(std::vector<std::pair<std::string, at::Tensor>> parameters, AdamWOp
     slot.exp_avg = at::zeros_like(slot.master);
     slot.exp_avg_sq = at::zeros_like(slot.master);
     slot.step = at::zeros({}, slot.master.options());
-    slot.decay = decays(name, param.sizes(), options_);
+    slot.decay = decays(name, sharding != nullptr ? at::IntArrayRef(sharding->shapes.at(name)) : param.sizes(),
+                        options_);
     slots_.push_back(std::move(slot));
   }
 }
@@ -72,9 +75,12 @@ StepReport AdamW::step() {
     const at::Tensor& grad = slot.param.grad();
     grads.push_back(grad.defined() ? grad.to(at::kFloat) : at::zeros_like(slot.master));
   }
-  // Global norm: the norm of the per-tensor norms (fp32 tensors, fp64 for the last sum).
-  const at::Tensor norms = at::stack(at::_foreach_norm(grads, 2)).to(at::kDouble);
-  report.grad_norm = norms.pow(2).sum().sqrt().item<double>();
+  // Global norm: the norm of the per-tensor norms (fp32 tensors, fp64 for the last sum), over
+  // every shard when the parameters are pieces.
+  double sum_squares = 0;
+  if (!grads.empty()) sum_squares = at::stack(at::_foreach_norm(grads, 2)).to(at::kDouble).pow(2).sum().item<double>();
+  if (sum_squares_) sum_squares = sum_squares_(sum_squares);
+  report.grad_norm = std::sqrt(sum_squares);
   for (Slot& slot : slots_) slot.param.mutable_grad() = at::Tensor();
   if (!std::isfinite(report.grad_norm)) {
     report.skipped = true;  // steps_done_ stays: the schedule does not advance either
@@ -125,6 +131,15 @@ std::vector<std::pair<std::string, at::Tensor>> AdamW::state() const {
     if (!slot.master.is_same(slot.param)) result.emplace_back(slot.name + ".master", slot.master);
   }
   return result;
+}
+
+int64_t AdamW::state_bytes() const {
+  int64_t bytes = 0;
+  for (const Slot& slot : slots_) {
+    bytes += slot.exp_avg.nbytes() + slot.exp_avg_sq.nbytes();
+    if (!slot.master.is_same(slot.param)) bytes += slot.master.nbytes();
+  }
+  return bytes;
 }
 
 void AdamW::load_state(const std::function<at::Tensor(const std::string&)>& lookup) {

@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <string>
 #include <utility>
 #include <vector>
@@ -38,6 +39,12 @@ double learning_rate(const AdamWOptions& options, int64_t step);
 // weights, biases), not embeddings unless decay_embeddings.
 bool decays(const std::string& name, at::IntArrayRef sizes, const AdamWOptions& options);
 
+// For parameters that are this process's pieces of larger tensors (FSDP, csrc/dist/fsdp.h).
+struct ShardedParameters {
+  std::map<std::string, std::vector<int64_t>> shapes;  // each parameter's whole shape (weight-decay masks)
+  std::function<double(double)> sum_squares;           // a local sum of squared gradients -> over all shards
+};
+
 struct StepReport {
   double lr = 0;
   double grad_norm = 0;  // before clipping
@@ -46,7 +53,9 @@ struct StepReport {
 
 class AdamW {
  public:
-  AdamW(std::vector<std::pair<std::string, at::Tensor>> parameters, AdamWOptions options);
+  // With `sharding`, the parameters are pieces: the global norm sums over every shard.
+  AdamW(std::vector<std::pair<std::string, at::Tensor>> parameters, AdamWOptions options,
+        const ShardedParameters* sharding = nullptr);
 
   // One update from the parameters' .grad (missing grads count as zero), then zeroes them.
   StepReport step();
@@ -61,6 +70,8 @@ class AdamW {
   // for bf16/fp16 parameters, and "step"), for checkpoints; load_state takes the same names.
   std::vector<std::pair<std::string, at::Tensor>> state() const;
   void load_state(const std::function<at::Tensor(const std::string&)>& lookup);
+  // Bytes of the moments and fp32 masters held.
+  int64_t state_bytes() const;
 
  private:
   struct Slot {
@@ -69,6 +80,7 @@ class AdamW {
     bool decay;
   };
   AdamWOptions options_;
+  std::function<double(double)> sum_squares_;
   std::vector<Slot> slots_;
   int64_t steps_done_ = 0;
 };

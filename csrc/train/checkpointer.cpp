@@ -1,11 +1,14 @@
 #include "csrc/train/checkpointer.h"
 
+#include <ATen/ATen.h>
 #include <signal.h>
+#include <unistd.h>
 
 #include <cerrno>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <thread>
 
 #include "csrc/common/error.h"
@@ -15,9 +18,18 @@
 namespace bpt::train {
 namespace fs = std::filesystem;
 
-Checkpointer::Checkpointer(std::string output_dir, bool save_optimizer_state, int64_t save_delay_ms)
-    : output_dir_(std::move(output_dir)), save_optimizer_state_(save_optimizer_state), save_delay_ms_(save_delay_ms) {
+Checkpointer::Checkpointer(std::string output_dir, bool save_optimizer_state, int64_t save_delay_ms,
+                           dist::Group world)
+    : output_dir_(std::move(output_dir)),
+      save_optimizer_state_(save_optimizer_state),
+      save_delay_ms_(save_delay_ms),
+      world_(std::move(world)) {
   fs::create_directories(output_dir_);
+  if (world_.rank() == 0) remove_dead_temporaries();
+  world_.barrier();  // no rank looks for checkpoints while rank 0 cleans up
+}
+
+void Checkpointer::remove_dead_temporaries() const {
   // Left by a run killed while saving (its process is gone): never complete, never read.
   for (const auto& entry : fs::directory_iterator(output_dir_)) {
     const std::string name = entry.path().filename().string();
@@ -30,14 +42,23 @@ Checkpointer::Checkpointer(std::string output_dir, bool save_optimizer_state, in
 
 void Checkpointer::save(const std::string& name, const TrainModule& module, const AdamW& optimizer,
                         const nlohmann::json& trainer_state) const {
-  io::AtomicDirectory dir((fs::path(output_dir_) / name).string());
-  module.save(dir.path());
-  if (save_optimizer_state_) {
-    io::save_safetensors((fs::path(dir.path()) / "optimizer.safetensors").string(), optimizer.state());
-  }
+  // Rank 0 owns the temporary directory; the others learn its name (rank 0's pid) from an all-reduce.
+  std::optional<io::AtomicDirectory> dir;
+  const std::string target = (fs::path(output_dir_) / name).string();
+  if (world_.rank() == 0) dir.emplace(target);
+  at::Tensor pid = at::full({1}, world_.rank() == 0 ? static_cast<int64_t>(::getpid()) : 0, at::kLong);
+  world_.all_reduce(pid);
+  const std::string path = dir ? dir->path() : io::AtomicDirectory::temporary_path(target, pid.item<int64_t>());
+
+  module.save(path);
+  if (save_optimizer_state_) module.save_optimizer(path, optimizer);
   if (save_delay_ms_ > 0) std::this_thread::sleep_for(std::chrono::milliseconds(save_delay_ms_));
-  io::write_file_atomically((fs::path(dir.path()) / "trainer_state.json").string(), trainer_state.dump(1) + "\n");
-  dir.commit();
+  world_.barrier();  // every rank's part is on disk
+  if (dir) {
+    io::write_file_atomically((fs::path(path) / "trainer_state.json").string(), trainer_state.dump(1) + "\n");
+    dir->commit();
+  }
+  world_.barrier();  // no rank goes on (and perhaps reads it) before it is in place
 }
 
 std::optional<std::string> Checkpointer::latest() const {
@@ -77,12 +98,5 @@ nlohmann::json Checkpointer::read_state(const std::string& dir) {
   return state;
 }
 
-bool Checkpointer::load_optimizer(const std::string& dir, AdamW& optimizer) {
-  const fs::path path = fs::path(dir) / "optimizer.safetensors";
-  if (!fs::exists(path)) return false;
-  const io::SafetensorsFile file(path.string());
-  optimizer.load_state([&](const std::string& name) { return file.tensor(name); });
-  return true;
-}
 
 }  // namespace bpt::train

@@ -5,12 +5,17 @@
 // Face names for LLaMA), `optimizer.safetensors` (if saved) and `trainer_state.json`: step,
 // data loader position, random state. A crash at any moment leaves every earlier checkpoint
 // complete; latest() finds the newest.
+//
+// With several ranks (FSDP) every rank writes its part into rank 0's temporary directory;
+// after a barrier rank 0 writes trainer_state.json and swaps the directory in, so a
+// checkpoint is complete only when every rank's part is.
 #include <nlohmann/json_fwd.hpp>
 
 #include <cstdint>
 #include <optional>
 #include <string>
 
+#include "csrc/dist/process_group.h"
 #include "csrc/train/adamw.h"
 #include "csrc/train/module.h"
 
@@ -19,7 +24,9 @@ namespace bpt::train {
 class Checkpointer {
  public:
   // save_delay_ms: a pause inside every save, before it is complete (crash tests only).
-  Checkpointer(std::string output_dir, bool save_optimizer_state, int64_t save_delay_ms = 0);
+  // `world`: the ranks that save together (all of them call save()).
+  Checkpointer(std::string output_dir, bool save_optimizer_state, int64_t save_delay_ms = 0,
+               dist::Group world = {});
 
   // Saves into output_dir/<name>; trainer_state is written as trainer_state.json.
   void save(const std::string& name, const TrainModule& module, const AdamW& optimizer,
@@ -29,13 +36,14 @@ class Checkpointer {
 
   // trainer_state.json of the checkpoint in `dir`; InputError if missing or malformed.
   static nlohmann::json read_state(const std::string& dir);
-  // Restores the optimizer state saved in `dir`; false if the checkpoint has none.
-  static bool load_optimizer(const std::string& dir, AdamW& optimizer);
 
  private:
+  // Removes `<name>.tmp-<pid>` directories whose process is gone (a run killed while saving).
+  void remove_dead_temporaries() const;
   std::string output_dir_;
   bool save_optimizer_state_;
   int64_t save_delay_ms_;
+  dist::Group world_;
 };
 
 }  // namespace bpt::train

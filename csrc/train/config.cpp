@@ -64,6 +64,11 @@ void register_flags(TrainConfig& c, io::FlagSet& flags) {
             &c.trainer.save_optimizer_state);
   flags.add("autoresume", "continue from the newest complete checkpoint in logger.output_dir", &c.trainer.autoresume);
   flags.add("seed", "random seed (weights, data order)", &c.seed);
+  flags.add("mesh_dim", "dp,fsdp,tp: ranks replicating, ranks sharding the model, tensor-parallel ranks (1 only); "
+            "one -1 takes the ranks left", &c.mesh_dim);
+  flags.add("fsdp.fp32_reduce", "reduce-scatter gradients in fp32 (bf16/fp16 models)", &c.fsdp.fp32_reduce);
+  flags.add("fsdp.prefetch", "start the next layer's all-gather before computing this one", &c.fsdp.prefetch);
+  flags.add("dist_timeout", "seconds a collective or the rendezvous may wait for the other ranks", &c.dist_timeout_s);
   flags.add("logger.output_dir", "where checkpoints and metrics.jsonl go", &c.trainer.output_dir);
   flags.add("peak_flops", "peak FLOP/s for MFU; 0: measured once by a matmul", &c.trainer.peak_flops);
   flags.add("progress", "auto (a progress bar on a terminal), always or never", &c.trainer.progress);

@@ -6,6 +6,7 @@
 #include <utility>
 #include <vector>
 
+#include "csrc/dist/fsdp.h"
 #include "csrc/io/flags.h"
 #include "csrc/train/adamw.h"
 #include "csrc/train/trainer.h"
@@ -38,6 +39,11 @@ struct TrainConfig {
 
   DatasetConfig train_dataset, eval_dataset;
   int64_t seed = 42;
+
+  // Distributed runs (launched by torchrun or tools/launch).
+  std::string mesh_dim = "1,-1,1";
+  dist::FsdpOptions fsdp;
+  int64_t dist_timeout_s = 600;
 };
 
 // Registers every field of `config` in `flags` under its llamabpt name.

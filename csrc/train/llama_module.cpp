@@ -5,45 +5,109 @@
 #include <filesystem>
 
 #include "csrc/io/hf_checkpoint.h"
+#include "csrc/io/sharded_checkpoint.h"
 
 namespace bpt::train {
+namespace fs = std::filesystem;
+using models::llama::LayerInputs;
+using models::llama::LlamaDecoderLayerImpl;
 
-LlamaModule::LlamaModule(models::llama::LlamaForCausalLM model_, RematPolicy remat) : model(std::move(model_)) {
+LlamaModule::LlamaModule(models::llama::LlamaForCausalLM model_, RematPolicy remat)
+    : model(std::move(model_)), remat_(remat) {
   apply_remat(*model->model, remat);
+  for (const auto& item : model->named_parameters()) {
+    if (item.key() != "model.embed_tokens.weight" && item.value().dim() == 2) flops_matmul_params_ += item.value().numel();
+  }
+}
+
+void LlamaModule::shard(const dist::Mesh& mesh, dist::FsdpOptions options) {
+  // Unit 0 (the root): everything outside the decoder layers; unit i + 1: layer i.
+  std::vector<dist::NamedParameters> units(1 + model->config.num_hidden_layers);
+  const std::string layers = "model.layers.";
+  for (const auto& item : model->named_parameters()) {
+    size_t unit = 0;
+    if (item.key().rfind(layers, 0) == 0) unit = 1 + std::stoul(item.key().substr(layers.size()));
+    units[unit].emplace_back(item.key(), item.value());
+  }
+  fsdp_ = std::make_unique<dist::Fsdp>(mesh, std::move(units), options);
+  sharding_.shapes = fsdp_->shapes();
+  sharding_.sum_squares = [fsdp = fsdp_.get()](double local) { return fsdp->sum_over_shards(local); };
+  const bool recompute = remat_ != RematPolicy::EverythingSaveable;
+  model->model->run_layer = [fsdp = fsdp_.get(), recompute](LlamaDecoderLayerImpl& layer, const at::Tensor& h,
+                                                            const LayerInputs& inputs) {
+    const nn::TensorFn fn = [&layer, inputs](const std::vector<at::Tensor>& x) {
+      return std::vector<at::Tensor>{layer.forward(x[0], inputs)};
+    };
+    return fsdp->run(static_cast<size_t>(layer.index) + 1, fn, {h}, recompute)[0];
+  };
 }
 
 StepOutput LlamaModule::training_step(const data::Batch& batch) {
+  if (fsdp_) fsdp_->gather_root();
   const nn::LMLoss out = model->forward(batch.input_ids, batch.targets, batch.segment_ids);
   return {out.loss, out.n_tokens.item<int64_t>(), out.n_correct.item<int64_t>()};
 }
 
 std::optional<StepOutput> LlamaModule::validation_step(const data::Batch& batch) {
   at::NoGradGuard no_grad;
-  return training_step(batch);
+  StepOutput out = training_step(batch);
+  if (fsdp_) fsdp_->release();
+  return out;
+}
+
+void LlamaModule::finish_backward() {
+  if (fsdp_) fsdp_->finish_backward();
 }
 
 std::vector<std::pair<std::string, at::Tensor>> LlamaModule::named_parameters() {
+  if (fsdp_) return fsdp_->pieces();
   std::vector<std::pair<std::string, at::Tensor>> result;
   for (const auto& item : model->named_parameters()) result.emplace_back(item.key(), item.value());
   return result;
 }
 
+int64_t LlamaModule::held_bytes() { return fsdp_ ? fsdp_->held_bytes() : TrainModule::held_bytes(); }
+
 void LlamaModule::save(const std::string& dir) const {
-  io::write_llama(*model, dir);
-  if (!tokenizer_file.empty()) {
-    std::filesystem::copy_file(tokenizer_file, std::filesystem::path(dir) / "tokenizer.model",
-                               std::filesystem::copy_options::overwrite_existing);
+  if (fsdp_) {
+    fsdp_->write_pieces(dir, "model", fsdp_->pieces());
+    fsdp_->write_index(dir, {"model"});
+    if (fsdp_->mesh().rank() == 0) io::write_llama_config(model->config, dir);
+  } else {
+    io::write_llama(*model, dir);
+  }
+  if (!tokenizer_file.empty() && (!fsdp_ || fsdp_->mesh().rank() == 0)) {
+    fs::copy_file(tokenizer_file, fs::path(dir) / "tokenizer.model", fs::copy_options::overwrite_existing);
   }
 }
 
-void LlamaModule::load(const std::string& dir) { io::load_llama_weights(*model, dir); }
+void LlamaModule::load(const std::string& dir) {
+  if (!fsdp_) {
+    io::load_llama_weights(*model, dir);
+    return;
+  }
+  const auto checkpoint = io::open_weights(dir);
+  io::read_llama_weights(model->config, *checkpoint, dir,
+                         [&](const std::string& name, const at::Tensor& whole) { fsdp_->assign(name, whole); });
+}
+
+void LlamaModule::save_optimizer(const std::string& dir, const AdamW& optimizer) const {
+  if (!fsdp_) return TrainModule::save_optimizer(dir, optimizer);
+  fsdp_->write_pieces(dir, "optimizer", optimizer.state());
+  fsdp_->write_index(dir, {"model", "optimizer"});
+}
+
+bool LlamaModule::load_optimizer(const std::string& dir, AdamW& optimizer) {
+  if (!fsdp_) return TrainModule::load_optimizer(dir, optimizer);
+  const auto state = io::open_optimizer_state(dir);
+  if (!state) return false;
+  optimizer.load_state([&](const std::string& name) { return fsdp_->piece_of(name, state->tensor(name)); });
+  return true;
+}
 
 double LlamaModule::flops_per_token(int64_t seq_length) const {
   const auto& c = model->config;
-  double matmul_params = 0;
-  for (const auto& item : model->named_parameters()) {
-    if (item.key() != "model.embed_tokens.weight" && item.value().dim() == 2) matmul_params += item.value().numel();
-  }
+  double matmul_params = static_cast<double>(flops_matmul_params_);
   if (c.tie_word_embeddings) matmul_params += static_cast<double>(c.vocab_size * c.hidden_size);  // the head
   return 6 * matmul_params + 12.0 * c.num_hidden_layers * c.num_attention_heads * c.resolved_head_dim() * seq_length;
 }

@@ -2,6 +2,13 @@
 // LLaMA as a TrainModule: the training step is the chunked loss over packed rows; weights are
 // saved in Hugging Face's layout (config.json + safetensors), so every checkpoint loads in
 // transformers and bpt-generate.
+//
+// shard() puts it under FSDP (csrc/dist/fsdp.h): one unit per decoder layer, and a root unit
+// for the embeddings, final norm and head. Its checkpoints are then sharded
+// (csrc/io/sharded_checkpoint.h); every world size, 1 included, loads both kinds.
+#include <memory>
+
+#include "csrc/dist/fsdp.h"
 #include "csrc/train/module.h"
 #include "csrc/train/remat.h"
 #include "models/llama/llama.h"
@@ -12,6 +19,13 @@ class LlamaModule : public TrainModule {
  public:
   LlamaModule(models::llama::LlamaForCausalLM model, RematPolicy remat);
 
+  // Shards the model over mesh.fsdp_group (replicated over mesh.dp_group). Every rank must
+  // hold the same weights when it is called. Under FSDP a layer's parameters are freed after
+  // its forward, so nothing_saveable and checkpoint_dots both recompute the whole layer in
+  // backward; everything_saveable keeps each layer gathered, with its activations, until the
+  // step's backward is done.
+  void shard(const dist::Mesh& mesh, dist::FsdpOptions options = {});
+
   StepOutput training_step(const data::Batch& batch) override;
   std::optional<StepOutput> validation_step(const data::Batch& batch) override;
   std::vector<std::pair<std::string, at::Tensor>> named_parameters() override;
@@ -19,9 +33,21 @@ class LlamaModule : public TrainModule {
   void load(const std::string& dir) override;
   // PaLM's count: 6 x (parameters in matmuls) + 12 x layers x hidden x seq_length (attention).
   double flops_per_token(int64_t seq_length) const override;
+  void save_optimizer(const std::string& dir, const AdamW& optimizer) const override;
+  bool load_optimizer(const std::string& dir, AdamW& optimizer) override;
+  const ShardedParameters* sharding() const override { return fsdp_ ? &sharding_ : nullptr; }
+  void finish_backward() override;
+  int64_t held_bytes() override;
+  int64_t communicated_bytes() const override { return fsdp_ ? fsdp_->communicated_bytes() : 0; }
 
   models::llama::LlamaForCausalLM model;
   std::string tokenizer_file;  // copied into each checkpoint as tokenizer.model, if set
+
+ private:
+  RematPolicy remat_;
+  std::unique_ptr<dist::Fsdp> fsdp_;
+  ShardedParameters sharding_;
+  int64_t flops_matmul_params_ = 0;  // counted before sharding empties the parameters
 };
 
 }  // namespace bpt::train

@@ -19,11 +19,14 @@ double peak_memory_mb() {
   return 0;
 }
 
-MetricsLog::MetricsLog(const std::string& output_dir, const std::string& progress, int64_t total_steps)
-    : bar_(progress == "always" || (progress == "auto" && ::isatty(::fileno(stdout)))), total_steps_(total_steps) {
+MetricsLog::MetricsLog(const std::string& output_dir, const std::string& progress, int64_t total_steps, bool enabled)
+    : bar_(progress == "always" || (progress == "auto" && ::isatty(::fileno(stdout)))),
+      total_steps_(total_steps),
+      enabled_(enabled) {
   if (progress != "auto" && progress != "always" && progress != "never") {
     throw_input_error("progress: expected auto, always or never, got '{}'", progress);
   }
+  if (!enabled_) return;
   std::filesystem::create_directories(output_dir);
   path_ = (std::filesystem::path(output_dir) / "metrics.jsonl").string();
   file_ = std::fopen(path_.c_str(), "a");
@@ -47,11 +50,13 @@ std::string duration(double seconds) {
 }  // namespace
 
 void MetricsLog::write(const nlohmann::json& record) {
+  if (!enabled_) return;
   std::fprintf(file_, "%s\n", record.dump().c_str());
   std::fflush(file_);
 }
 
 void MetricsLog::drop_after(int64_t step) {
+  if (!enabled_) return;
   std::fclose(file_);
   std::string kept;
   std::ifstream stream(path_);
@@ -69,6 +74,7 @@ void MetricsLog::drop_after(int64_t step) {
 }
 
 void MetricsLog::log(const nlohmann::json& record, double eta_s) {
+  if (!enabled_) return;
   write(record);
   const int64_t step = record["step"].get<int64_t>();
   std::string line = fmt::format("step {}/{}  loss {:.4f}  lr {:.2e}  {:.0f} tok/s", step, total_steps_,
@@ -89,6 +95,7 @@ void MetricsLog::log(const nlohmann::json& record, double eta_s) {
 }
 
 void MetricsLog::note(const std::string& line) {
+  if (!enabled_) return;
   std::printf(bar_drawn_ ? "\r\033[K%s\n" : "%s\n", line.c_str());
   bar_drawn_ = false;
   std::fflush(stdout);

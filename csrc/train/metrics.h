@@ -12,8 +12,9 @@ namespace bpt::train {
 
 class MetricsLog {
  public:
-  // Appends to output_dir/metrics.jsonl; `progress`: auto, always or never.
-  MetricsLog(const std::string& output_dir, const std::string& progress, int64_t total_steps);
+  // Appends to output_dir/metrics.jsonl; `progress`: auto, always or never. Not `enabled`
+  // (a rank other than 0 of a distributed run): writes and prints nothing.
+  MetricsLog(const std::string& output_dir, const std::string& progress, int64_t total_steps, bool enabled = true);
   ~MetricsLog();
   MetricsLog(const MetricsLog&) = delete;
   MetricsLog& operator=(const MetricsLog&) = delete;
@@ -33,6 +34,7 @@ class MetricsLog {
   bool bar_;
   bool bar_drawn_ = false;
   int64_t total_steps_;
+  bool enabled_;
 };
 
 // Peak resident memory of this process so far, in MB (Linux VmHWM).

@@ -36,6 +36,23 @@ class TrainModule {
   virtual void load(const std::string& dir) = 0;
   // Training FLOPs per token at this sequence length, for MFU; 0: unknown.
   virtual double flops_per_token(int64_t /*seq_length*/) const { return 0; }
+
+  // Optimizer state beside the weights in a checkpoint directory: by default one
+  // optimizer.safetensors; load_optimizer also reads what FSDP ranks wrote (any world size)
+  // and returns false if `dir` holds no optimizer state.
+  virtual void save_optimizer(const std::string& dir, const AdamW& optimizer) const;
+  virtual bool load_optimizer(const std::string& dir, AdamW& optimizer);
+
+  // Distributed training (FSDP: csrc/dist/fsdp.h). A module whose named_parameters() are
+  // shards says so here, for the optimizer's global norm and weight-decay masks.
+  virtual const ShardedParameters* sharding() const { return nullptr; }
+  // Called after the last micro-batch's backward of a step, before the update (FSDP reduces
+  // the gradients here).
+  virtual void finish_backward() {}
+  // Bytes this process holds in parameters and their gradients (the memory report).
+  virtual int64_t held_bytes();
+  // Bytes this process has passed to collectives so far (0 when not distributed).
+  virtual int64_t communicated_bytes() const { return 0; }
 };
 
 }  // namespace bpt::train

@@ -1,81 +1,12 @@
 #include "csrc/train/remat.h"
 
 #include <ATen/ATen.h>
-#include <ATen/CPUGeneratorImpl.h>
-#include <torch/csrc/autograd/autograd.h>
-#include <torch/csrc/autograd/custom_function.h>
-
-#include <algorithm>
 
 #include "csrc/common/error.h"
+#include "csrc/nn/checkpoint.h"
 #include "models/llama/llama.h"
 
 namespace bpt::train {
-namespace {
-
-// fn travels to backward inside the context as a capsule.
-struct FnHolder : torch::CustomClassHolder {
-  explicit FnHolder(TensorFn f) : fn(std::move(f)) {}
-  TensorFn fn;
-};
-
-class Checkpoint : public torch::autograd::Function<Checkpoint> {
- public:
-  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const TensorFn& fn,
-                                                at::TensorList inputs) {
-    ctx->saved_data["fn"] = c10::IValue::make_capsule(c10::make_intrusive<FnHolder>(fn));
-    ctx->saved_data["rng"] = at::detail::getDefaultCPUGenerator().get_state();
-    c10::List<bool> needs_grad;
-    for (const at::Tensor& input : inputs) needs_grad.push_back(input.requires_grad());
-    ctx->saved_data["needs_grad"] = needs_grad;
-    ctx->save_for_backward(inputs.vec());
-    // Grad mode is off here: fn runs without building a graph.
-    return fn(inputs.vec());
-  }
-
-  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
-                                                 torch::autograd::variable_list grad_outputs) {
-    const auto* holder = static_cast<const FnHolder*>(ctx->saved_data["fn"].toCapsule().get());
-    const auto needs_grad = ctx->saved_data["needs_grad"].toBoolList();
-    std::vector<at::Tensor> inputs;
-    const auto saved = ctx->get_saved_variables();
-    for (size_t i = 0; i < saved.size(); ++i) inputs.push_back(saved[i].detach().requires_grad_(needs_grad[i]));
-
-    // Recompute under the random state the forward saw, then put the current one back.
-    at::Generator generator = at::detail::getDefaultCPUGenerator();
-    const at::Tensor rng_now = generator.get_state();
-    generator.set_state(ctx->saved_data["rng"].toTensor());
-    std::vector<at::Tensor> outputs;
-    {
-      at::AutoGradMode grad_mode(true);
-      outputs = holder->fn(inputs);
-    }
-    generator.set_state(rng_now);
-
-    std::vector<at::Tensor> roots, root_grads;
-    for (size_t i = 0; i < outputs.size(); ++i) {
-      if (outputs[i].requires_grad() && grad_outputs[i].defined()) {
-        roots.push_back(outputs[i]);
-        root_grads.push_back(grad_outputs[i]);
-      }
-    }
-    // Accumulates into the parameters' .grad and into the detached inputs' .grad.
-    if (!roots.empty()) torch::autograd::backward(roots, root_grads);
-    torch::autograd::variable_list grads = {at::Tensor()};  // for fn
-    for (const at::Tensor& input : inputs) grads.push_back(input.requires_grad() ? input.grad() : at::Tensor());
-    return grads;
-  }
-};
-
-}  // namespace
-
-std::vector<at::Tensor> checkpoint(const TensorFn& fn, const std::vector<at::Tensor>& inputs) {
-  // Backward reaches the parameters inside fn only through an input that requires grad;
-  // without one (or without grad mode) there is nothing to recompute for.
-  const bool any_grad = std::any_of(inputs.begin(), inputs.end(), [](const at::Tensor& t) { return t.requires_grad(); });
-  if (!at::GradMode::is_enabled() || !any_grad) return fn(inputs);
-  return Checkpoint::apply(fn, at::TensorList(inputs));
-}
 
 RematPolicy parse_remat_policy(const std::string& name) {
   if (name == "nothing_saveable") return RematPolicy::NothingSaveable;
@@ -94,17 +25,17 @@ void apply_remat(models::llama::LlamaModelImpl& model, RematPolicy policy) {
       return;
     case RematPolicy::NothingSaveable:
       model.run_layer = [](LlamaDecoderLayerImpl& layer, const at::Tensor& h, const LayerInputs& inputs) {
-        return checkpoint([&layer, inputs](const std::vector<at::Tensor>& x) {
+        return nn::checkpoint([&layer, inputs](const std::vector<at::Tensor>& x) {
                  return std::vector<at::Tensor>{layer.forward(x[0], inputs)};
                }, {h})[0];
       };
       return;
     case RematPolicy::CheckpointDots:
       model.run_layer = [](LlamaDecoderLayerImpl& layer, const at::Tensor& h, const LayerInputs& inputs) {
-        const at::Tensor half = checkpoint([&layer, inputs](const std::vector<at::Tensor>& x) {
+        const at::Tensor half = nn::checkpoint([&layer, inputs](const std::vector<at::Tensor>& x) {
                                   return std::vector<at::Tensor>{layer.attention_block(x[0], inputs)};
                                 }, {h})[0];
-        return checkpoint([&layer](const std::vector<at::Tensor>& x) {
+        return nn::checkpoint([&layer](const std::vector<at::Tensor>& x) {
                  return std::vector<at::Tensor>{layer.mlp_block(x[0])};
                }, {half})[0];
       };

@@ -71,7 +71,20 @@ double measure_peak_flops(at::ScalarType dtype) {
   return 2.0 * n * n * n * reps / seconds_since(start);
 }
 
-Trainer::Trainer(TrainerOptions options, AdamWOptions adamw) : options_(std::move(options)), adamw_(adamw) {
+data::Batch slice_rows(const data::Batch& batch, int64_t rank, int64_t ranks) {
+  if (ranks == 1) return batch;
+  const int64_t rows = batch.input_ids.size(0);
+  if (rows % ranks != 0) {
+    throw_input_error("batch_size {} does not divide among {} data-parallel ranks (the batch is global: each rank "
+                      "takes batch_size / ranks rows)", rows, ranks);
+  }
+  const int64_t per_rank = rows / ranks;
+  const auto slice = [&](const at::Tensor& t) { return t.defined() ? t.narrow(0, rank * per_rank, per_rank) : t; };
+  return {slice(batch.input_ids), slice(batch.targets), slice(batch.segment_ids)};
+}
+
+Trainer::Trainer(TrainerOptions options, AdamWOptions adamw, dist::Group world)
+    : options_(std::move(options)), adamw_(adamw), world_(std::move(world)) {
   if (options_.total_steps < 0) throw_input_error("total_steps: expected >= 0, got {}", options_.total_steps);
   if (options_.accumulate_gradient_steps < 1) {
     throw_input_error("optimizer.adamw_optimizer.accumulate_gradient_steps: expected >= 1, got {}",
@@ -87,8 +100,15 @@ Trainer::Trainer(TrainerOptions options, AdamWOptions adamw) : options_(std::mov
 
 FitResult Trainer::fit(TrainModule& module, data::DataLoader& train, data::DataLoader* eval) {
   const StopSignals signals;
-  const Checkpointer checkpointer(options_.output_dir, options_.save_optimizer_state, options_.save_delay_ms);
-  MetricsLog metrics(options_.output_dir, options_.progress, options_.total_steps);
+  const Checkpointer checkpointer(options_.output_dir, options_.save_optimizer_state, options_.save_delay_ms, world_);
+  MetricsLog metrics(options_.output_dir, options_.progress, options_.total_steps, world_.rank() == 0);
+  const auto ranks = static_cast<double>(world_.size());
+  // Sums over ranks, in one all-reduce: what each rank's micro-batch or evaluation counted.
+  const auto sum_over_ranks = [&](std::vector<double> values) {
+    at::Tensor t = at::tensor(values, at::kDouble);
+    world_.all_reduce(t);
+    return std::vector<double>(t.data_ptr<double>(), t.data_ptr<double>() + t.numel());
+  };
 
   // Weights first: the optimizer takes its fp32 masters from the parameters it is given.
   FitResult result;
@@ -101,11 +121,11 @@ FitResult Trainer::fit(TrainModule& module, data::DataLoader& train, data::DataL
     resumed = Checkpointer::read_state(resume_from);
     module.load(resume_from);
   }
-  AdamW optimizer(module.named_parameters(), module.configure_optimizers(adamw_));
+  AdamW optimizer(module.named_parameters(), module.configure_optimizers(adamw_), module.sharding());
   if (!resume_from.empty()) {
     result.steps = resumed["step"].get<int64_t>();
     result.skipped_steps = resumed.value("skipped_steps", int64_t{0});
-    if (!Checkpointer::load_optimizer(resume_from, optimizer)) {
+    if (!module.load_optimizer(resume_from, optimizer)) {
       optimizer.restart_at(result.steps - result.skipped_steps);
       metrics.note(fmt::format("{}: no optimizer state; Adam's moments start again at zero", resume_from));
     }
@@ -127,6 +147,7 @@ FitResult Trainer::fit(TrainModule& module, data::DataLoader& train, data::DataL
     const auto parameters = module.named_parameters();
     peak_flops = measure_peak_flops(parameters.empty() ? at::kFloat : parameters.front().second.scalar_type());
   }
+  peak_flops *= ranks;  // the whole world's
   const auto trainer_state = [&] {
     nlohmann::json config = nlohmann::json::object();
     for (const auto& [name, value] : options_.run_config) config[name] = value;
@@ -146,17 +167,27 @@ FitResult Trainer::fit(TrainModule& module, data::DataLoader& train, data::DataL
   int64_t last_saved = -1;
   double window_loss = 0, window_tokens = 0, window_correct = 0, window_seconds = 0, window_norm = 0;
   int64_t window_steps = 0;
-  while (result.steps < options_.total_steps && !stop_requested) {
+  const double state_mb = static_cast<double>(module.held_bytes() + optimizer.state_bytes()) / 1e6;
+  int64_t window_comm_start = module.communicated_bytes();
+  // Every rank stops at the same step: a signal reaching one rank is shared in an all-reduce.
+  const auto should_stop = [&] { return sum_over_ranks({stop_requested ? 1.0 : 0.0})[0] > 0; };
+  while (result.steps < options_.total_steps && !should_stop()) {
     const auto step_start = Clock::now();
     double loss_sum = 0;
     for (int64_t micro = 0; micro < options_.accumulate_gradient_steps; ++micro) {
-      const data::Batch batch = train.next();
+      const data::Batch batch = slice_rows(train.next(), world_.rank(), world_.size());
       const StepOutput out = module.training_step(batch);
-      (out.loss / static_cast<double>(options_.accumulate_gradient_steps)).backward();
-      loss_sum += out.loss.item<double>();
-      window_tokens += static_cast<double>(out.n_tokens);
-      window_correct += static_cast<double>(out.n_correct);
+      // The mean over every rank's tokens: each rank's mean weighted by its share of them
+      // (times the rank count, which the gradient average divides out again).
+      const double n = static_cast<double>(out.n_tokens);
+      const auto totals = sum_over_ranks({out.loss.item<double>() * n, n, static_cast<double>(out.n_correct)});
+      const double weight = totals[1] > 0 ? n * ranks / totals[1] : 0.0;
+      (out.loss * (weight / static_cast<double>(options_.accumulate_gradient_steps))).backward();
+      loss_sum += totals[1] > 0 ? totals[0] / totals[1] : 0.0;
+      window_tokens += totals[1];
+      window_correct += totals[2];
     }
+    module.finish_backward();
     const StepReport report = optimizer.step();
     ++result.steps;
     result.last_loss = loss_sum / static_cast<double>(options_.accumulate_gradient_steps);
@@ -178,9 +209,16 @@ FitResult Trainer::fit(TrainModule& module, data::DataLoader& train, data::DataL
                                {"grad_norm", window_norm / window_steps},
                                {"tokens_per_s", tokens_per_s},
                                {"peak_memory_mb", peak_memory_mb()},
+                               {"state_mb", state_mb},
                                {"skipped_steps", result.skipped_steps},
                                {"time_s", seconds_since(run_start)}};
       if (flops_per_token > 0 && peak_flops > 0) record["mfu"] = flops_per_token * tokens_per_s / peak_flops;
+      if (world_.size() > 1) {
+        record["world_size"] = world_.size();
+        record["comm_mb_per_step"] =
+            static_cast<double>(module.communicated_bytes() - window_comm_start) / 1e6 / window_steps;
+        window_comm_start = module.communicated_bytes();
+      }
       const double per_step = seconds_since(run_start) / static_cast<double>(result.steps - first_step);
       metrics.log(record, per_step * static_cast<double>(options_.total_steps - result.steps));
       window_loss = window_tokens = window_correct = window_seconds = window_norm = 0;
@@ -191,11 +229,13 @@ FitResult Trainer::fit(TrainModule& module, data::DataLoader& train, data::DataL
       eval->restore(eval_start);
       double loss = 0, tokens = 0, correct = 0;
       for (int64_t i = 0; i < options_.eval_steps; ++i) {
-        const auto out = module.validation_step(eval->next());
+        const auto out = module.validation_step(slice_rows(eval->next(), world_.rank(), world_.size()));
         if (!out) break;
-        loss += out->loss.item<double>() * static_cast<double>(out->n_tokens);
-        tokens += static_cast<double>(out->n_tokens);
-        correct += static_cast<double>(out->n_correct);
+        const double n = static_cast<double>(out->n_tokens);
+        const auto totals = sum_over_ranks({out->loss.item<double>() * n, n, static_cast<double>(out->n_correct)});
+        loss += totals[0];
+        tokens += totals[1];
+        correct += totals[2];
       }
       if (tokens > 0) {
         metrics.write({{"step", result.steps}, {"eval_loss", loss / tokens}, {"eval_accuracy", correct / tokens}});
@@ -211,7 +251,7 @@ FitResult Trainer::fit(TrainModule& module, data::DataLoader& train, data::DataL
       last_saved = result.steps;
     }
   }
-  result.interrupted = stop_requested;
+  result.interrupted = result.steps < options_.total_steps;
   if (last_saved != result.steps && result.steps > first_step) save("checkpoint");
   return result;
 }

@@ -13,10 +13,16 @@
 // stopped (given the optimizer state was saved). Every evaluation reads the same eval
 // batches. SIGINT/SIGTERM finish the current step, save a checkpoint and return; a second
 // signal ends the process at once.
+//
+// Distributed (a `world` of several ranks, each running fit() on its own process): every
+// rank's loader yields the same global batch of batch_size rows and the rank keeps its
+// slice of rows; losses are weighted by tokens across ranks, so the run follows the same
+// path as one process with the whole batch. Rank 0 alone logs and prints.
 #include <cstdint>
 #include <string>
 
 #include "csrc/data/loader.h"
+#include "csrc/dist/process_group.h"
 #include "csrc/train/adamw.h"
 #include "csrc/train/module.h"
 
@@ -50,14 +56,19 @@ struct FitResult {
 
 class Trainer {
  public:
-  Trainer(TrainerOptions options, AdamWOptions adamw);
+  Trainer(TrainerOptions options, AdamWOptions adamw, dist::Group world = {});
   // Trains `module` on `train` (and validates on `eval` if given).
   FitResult fit(TrainModule& module, data::DataLoader& train, data::DataLoader* eval = nullptr);
 
  private:
   TrainerOptions options_;
   AdamWOptions adamw_;
+  dist::Group world_;
 };
+
+// Rows [rank * B / ranks, (rank + 1) * B / ranks) of every tensor of `batch`; InputError if
+// ranks does not divide the batch size B.
+data::Batch slice_rows(const data::Batch& batch, int64_t rank, int64_t ranks);
 
 // FLOP/s of a 2048^3 matmul in `dtype` on this machine: the peak MFU is measured against.
 double measure_peak_flops(at::ScalarType dtype);

@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/autograd.h>
 
+#include "csrc/nn/checkpoint.h"
 #include "csrc/train/remat.h"
 #include "helpers.h"
 #include "models/llama/llama.h"
@@ -40,11 +41,11 @@ TEST_CASE("every remat policy gives the same gradients", "[remat]") {
 TEST_CASE("checkpoint recomputes with the random state of the forward pass", "[remat]") {
   const at::Tensor x = at::randn({64}).requires_grad_();
   // Dropout-like: a random mask drawn inside fn must be the same mask in the recomputation.
-  const bpt::train::TensorFn fn = [](const std::vector<at::Tensor>& in) {
+  const bpt::nn::TensorFn fn = [](const std::vector<at::Tensor>& in) {
     return std::vector<at::Tensor>{in[0] * (at::rand({64}) > 0.5).to(at::kFloat)};
   };
   at::manual_seed(7);
-  const at::Tensor y = bpt::train::checkpoint(fn, {x})[0];
+  const at::Tensor y = bpt::nn::checkpoint(fn, {x})[0];
   at::rand({5});  // the random state moves on before backward
   y.sum().backward();
   // dy/dx is the mask itself, and y shows which mask the forward drew (x is never 0).

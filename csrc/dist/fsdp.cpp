@@ -1,0 +1,275 @@
+#include "csrc/dist/fsdp.h"
+
+#include <ATen/ATen.h>
+
+#include <filesystem>
+
+#include "csrc/common/error.h"
+#include "csrc/io/sharded_checkpoint.h"
+
+namespace bpt::dist {
+
+// A parameter inside its unit's flat buffer, and the part of it in this rank's shard.
+struct Fsdp::Entry {
+  std::string name;
+  at::Tensor param;  // the module's tensor: empty, or a view into the gathered buffer
+  std::vector<int64_t> shape;
+  int64_t offset = 0, numel = 0;  // in the flat buffer
+  int64_t begin = 0, end = 0;     // [begin, end): flat positions of this parameter in this rank's shard
+  size_t unit = 0;
+};
+
+struct Fsdp::Unit {
+  std::vector<Entry> entries;
+  at::ScalarType dtype = at::kFloat;
+  int64_t padded = 0, shard_numel = 0, shard_offset = 0;
+  at::Tensor shard;       // [shard_numel], this rank's slice of the flat buffer
+  at::Tensor grad_shard;  // [shard_numel], summed gradients; undefined until one arrives
+  at::Tensor gathered;    // [padded] while gathered or being gathered
+  Work gather;
+  bool gathering = false, is_gathered = false;
+  bool keep = false;  // gathered for a forward with activations kept: reduced in finish_backward
+  at::Tensor reduce_in, reduce_out;
+  Work reduce;
+  bool reducing = false;
+};
+
+Fsdp::Fsdp(const Mesh& mesh, std::vector<NamedParameters> units, FsdpOptions options)
+    : mesh_(mesh), options_(options) {
+  at::NoGradGuard no_grad;
+  const int64_t ranks = mesh_.fsdp_group.size(), rank = mesh_.fsdp_group.rank();
+  for (size_t u = 0; u < units.size(); ++u) {
+    auto unit = std::make_unique<Unit>();
+    int64_t total = 0;
+    for (auto& [name, param] : units[u]) {
+      if (!unit->entries.empty() && param.scalar_type() != unit->dtype) {
+        throw std::invalid_argument(fmt::format("Fsdp: unit {} mixes dtypes ({})", u, name));
+      }
+      unit->dtype = param.scalar_type();
+      Entry entry;
+      entry.name = name;
+      entry.param = param;
+      entry.shape = param.sizes().vec();
+      entry.offset = total;
+      entry.numel = param.numel();
+      entry.unit = u;
+      total += entry.numel;
+      unit->entries.push_back(std::move(entry));
+    }
+    unit->shard_numel = (total + ranks - 1) / ranks;
+    unit->padded = unit->shard_numel * ranks;
+    unit->shard_offset = rank * unit->shard_numel;
+    at::Tensor flat = at::zeros({unit->padded}, at::TensorOptions().dtype(unit->dtype));
+    for (Entry& entry : unit->entries) {
+      flat.narrow(0, entry.offset, entry.numel).copy_(entry.param.detach().reshape({-1}));
+      entry.begin = std::clamp(unit->shard_offset, entry.offset, entry.offset + entry.numel);
+      entry.end = std::clamp(unit->shard_offset + unit->shard_numel, entry.offset, entry.offset + entry.numel);
+      entry.param.set_data(at::empty({0}, flat.options()));
+    }
+    unit->shard = flat.narrow(0, unit->shard_offset, unit->shard_numel).clone();
+    units_.push_back(std::move(unit));
+  }
+  for (const auto& unit : units_) {
+    for (const Entry& entry : unit->entries) {
+      by_name_[entry.name] = &entry;
+      if (entry.end > entry.begin) {
+        pieces_.emplace_back(entry.name,
+                             unit->shard.narrow(0, entry.begin - unit->shard_offset, entry.end - entry.begin));
+      }
+    }
+  }
+}
+
+Fsdp::~Fsdp() = default;
+
+void Fsdp::start_gather(Unit& unit) {
+  if (unit.gathering || unit.is_gathered) return;
+  unit.gathered = at::empty({unit.padded}, unit.shard.options());
+  unit.gather = mesh_.fsdp_group.all_gather(unit.gathered, unit.shard);
+  communicated_bytes_ += unit.gathered.nbytes();
+  unit.gathering = true;
+}
+
+void Fsdp::wait_gathered(Unit& unit) {
+  if (unit.is_gathered) return;
+  start_gather(unit);
+  unit.gather.wait();
+  for (Entry& entry : unit.entries) {
+    entry.param.set_data(unit.gathered.narrow(0, entry.offset, entry.numel).view(entry.shape));
+  }
+  unit.gathering = false;
+  unit.is_gathered = true;
+}
+
+void Fsdp::free(Unit& unit) {
+  if (!unit.is_gathered) return;
+  for (Entry& entry : unit.entries) entry.param.set_data(at::empty({0}, unit.shard.options()));
+  unit.gathered = at::Tensor();
+  unit.is_gathered = false;
+  unit.keep = false;
+}
+
+void Fsdp::start_reduce(Unit& unit) {
+  // At most one other reduce in flight: each holds a whole unit's gradients.
+  for (auto& other : units_) {
+    if (other.get() != &unit) finish_reduce(*other);
+  }
+  const at::ScalarType dtype = options_.fp32_reduce ? at::kFloat : unit.dtype;
+  unit.reduce_in = at::zeros({unit.padded}, at::TensorOptions().dtype(dtype));
+  for (Entry& entry : unit.entries) {
+    at::Tensor& grad = entry.param.mutable_grad();
+    if (!grad.defined()) continue;
+    unit.reduce_in.narrow(0, entry.offset, entry.numel).copy_(grad.reshape({-1}));
+    grad = at::Tensor();
+  }
+  unit.reduce_out = at::empty({unit.shard_numel}, unit.reduce_in.options());
+  unit.reduce = mesh_.fsdp_group.reduce_scatter(unit.reduce_out, unit.reduce_in);
+  communicated_bytes_ += unit.reduce_in.nbytes();
+  unit.reducing = true;
+}
+
+void Fsdp::finish_reduce(Unit& unit) {
+  if (!unit.reducing) return;
+  unit.reduce.wait();
+  if (unit.grad_shard.defined()) {
+    unit.grad_shard.add_(unit.reduce_out);
+  } else {
+    unit.grad_shard = unit.reduce_out;
+  }
+  unit.reduce_in = unit.reduce_out = at::Tensor();
+  unit.reducing = false;
+}
+
+std::vector<at::Tensor> Fsdp::run(size_t index, const nn::TensorFn& fn, const std::vector<at::Tensor>& inputs,
+                                  bool recompute) {
+  TORCH_CHECK(index >= 1 && index < units_.size(), "Fsdp::run: no unit ", index);
+  Unit& unit = *units_[index];
+  const auto gather_this_and_prefetch = [this, index](int64_t next) {
+    wait_gathered(*units_[index]);
+    if (options_.prefetch && next >= 1 && next < static_cast<int64_t>(units_.size())) start_gather(*units_[next]);
+  };
+  if (!recompute && at::GradMode::is_enabled()) {
+    gather_this_and_prefetch(static_cast<int64_t>(index) + 1);
+    unit.keep = true;
+    return fn(inputs);
+  }
+  nn::CheckpointHooks hooks;
+  hooks.before_forward = [=] { gather_this_and_prefetch(static_cast<int64_t>(index) + 1); };
+  hooks.after_forward = [this, &unit] { free(unit); };
+  hooks.before_recompute = [=] { gather_this_and_prefetch(static_cast<int64_t>(index) - 1); };
+  hooks.after_backward = [this, &unit] {
+    start_reduce(unit);
+    free(unit);
+  };
+  return nn::checkpoint(fn, inputs, hooks);
+}
+
+void Fsdp::gather_root() {
+  wait_gathered(*units_[0]);
+  units_[0]->keep = true;
+}
+
+void Fsdp::finish_backward() {
+  at::NoGradGuard no_grad;
+  for (auto& unit : units_) {
+    if (!unit->keep) continue;
+    start_reduce(*unit);
+    free(*unit);
+  }
+  for (auto& unit : units_) finish_reduce(*unit);
+  const double world = static_cast<double>(mesh_.world_size());
+  for (auto& unit : units_) {
+    if (!unit->grad_shard.defined()) continue;  // no gradient reached this unit
+    if (mesh_.dp > 1) mesh_.dp_group.all_reduce(unit->grad_shard);
+    if (world > 1) unit->grad_shard.div_(world);
+  }
+  for (auto& [name, piece] : pieces_) {
+    const Entry& entry = *by_name_.at(name);
+    const Unit& unit = *units_[entry.unit];
+    if (!unit.grad_shard.defined()) continue;
+    piece.mutable_grad() = unit.grad_shard.narrow(0, entry.begin - unit.shard_offset, entry.end - entry.begin);
+  }
+  for (auto& unit : units_) unit->grad_shard = at::Tensor();  // the pieces' grads hold it until the update
+}
+
+void Fsdp::release() {
+  for (auto& unit : units_) {
+    if (unit->gathering) wait_gathered(*unit);
+    free(*unit);
+  }
+}
+
+std::map<std::string, std::vector<int64_t>> Fsdp::shapes() const {
+  std::map<std::string, std::vector<int64_t>> result;
+  for (const auto& [name, entry] : by_name_) result[name] = entry->shape;
+  return result;
+}
+
+double Fsdp::sum_over_shards(double local) const {
+  at::Tensor value = at::full({1}, local, at::kDouble);
+  mesh_.fsdp_group.all_reduce(value);
+  return value.item<double>();
+}
+
+int64_t Fsdp::held_bytes() const {
+  int64_t bytes = 0;
+  for (const auto& unit : units_) {
+    const int64_t grad_size = options_.fp32_reduce ? 4 : static_cast<int64_t>(c10::elementSize(unit->dtype));
+    bytes += unit->shard.nbytes() + unit->shard_numel * grad_size;
+  }
+  return bytes;
+}
+
+const Fsdp::Entry* Fsdp::find(const std::string& name) const {
+  auto it = by_name_.find(name);
+  const size_t dot = name.rfind('.');
+  if (it == by_name_.end() && dot != std::string::npos) it = by_name_.find(name.substr(0, dot));
+  return it == by_name_.end() ? nullptr : it->second;
+}
+
+bool Fsdp::assign(const std::string& name, const at::Tensor& whole) {
+  const Entry* entry = find(name);
+  if (entry == nullptr) return false;
+  if (entry->end == entry->begin) return true;  // no element of it on this rank
+  at::NoGradGuard no_grad;
+  const Unit& unit = *units_[entry->unit];
+  unit.shard.narrow(0, entry->begin - unit.shard_offset, entry->end - entry->begin).copy_(piece_of(name, whole));
+  return true;
+}
+
+at::Tensor Fsdp::piece_of(const std::string& name, const at::Tensor& whole) const {
+  const Entry* entry = find(name);
+  if (entry == nullptr) return whole;
+  if (whole.numel() != entry->numel) {
+    throw_input_error("'{}': {} elements, expected {} (shape {})", name, whole.numel(), entry->numel,
+                      io::shape_string(entry->shape));
+  }
+  return whole.reshape({-1}).narrow(0, entry->begin - entry->offset, entry->end - entry->begin);
+}
+
+void Fsdp::write_pieces(const std::string& dir, const std::string& kind, const io::NamedTensors& tensors) const {
+  if (mesh_.dp_group.rank() != 0) return;  // the other replicas hold the same shards
+  const std::string path =
+      (std::filesystem::path(dir) / io::shard_file_name(kind, mesh_.fsdp_group.rank(), mesh_.fsdp_group.size()))
+          .string();
+  io::save_safetensors(path, tensors);
+}
+
+void Fsdp::write_index(const std::string& dir, const std::vector<std::string>& kinds) const {
+  if (mesh_.rank() != 0) return;
+  std::vector<io::ShardedTensor> tensors;
+  for (const auto& unit : units_) {
+    for (const Entry& entry : unit->entries) {
+      io::ShardedTensor tensor{entry.name, entry.shape, {}};
+      for (int64_t r = 0; r < mesh_.fsdp_group.size(); ++r) {
+        const int64_t lo = std::max(r * unit->shard_numel, entry.offset);
+        const int64_t hi = std::min((r + 1) * unit->shard_numel, entry.offset + entry.numel);
+        if (hi > lo) tensor.pieces.push_back({r, lo - entry.offset, hi - lo});
+      }
+      tensors.push_back(std::move(tensor));
+    }
+  }
+  io::write_shard_index(dir, mesh_.fsdp_group.size(), tensors, kinds);
+}
+
+}  // namespace bpt::dist

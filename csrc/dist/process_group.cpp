@@ -1,0 +1,221 @@
+#include "csrc/dist/process_group.h"
+
+#include <ATen/ATen.h>
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#ifdef BPT_WITH_NCCL
+#include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
+#endif
+
+#include <cstdlib>
+
+#include "csrc/common/error.h"
+#include "csrc/common/text.h"
+
+namespace bpt::dist {
+
+struct Group::Backend {
+  c10::intrusive_ptr<c10d::Backend> backend;
+};
+
+namespace {
+
+std::optional<std::string> env(const char* name) {
+  const char* value = std::getenv(name);
+  if (value == nullptr || *value == '\0') return std::nullopt;
+  return std::string(value);
+}
+
+int64_t env_int(const char* name, int64_t min, int64_t max) {
+  const std::string value = *env(name);
+  int64_t parsed = 0;
+  try {
+    parsed = parse_int(value, name);
+  } catch (const InputError&) {
+    throw_input_error("environment variable {}: expected an integer, got '{}'", name, value);
+  }
+  if (parsed < min || parsed > max) {
+    throw_input_error("environment variable {}: expected {}..{}, got {}", name, min, max, parsed);
+  }
+  return parsed;
+}
+
+// A collective's Work, waited on with c10d's errors turned into one CollectiveError.
+Work wrap(c10::intrusive_ptr<c10d::Work> work, std::string what) {
+  return Work([work = std::move(work), what = std::move(what)] {
+    try {
+      work->wait();
+    } catch (const c10::Error& e) {
+      throw CollectiveError(fmt::format("{} failed: {} (another rank may have stopped, or the collective timed "
+                                        "out)", what, e.what_without_backtrace()));
+    }
+  });
+}
+
+std::string describe(const Group& group, const char* op) {
+  return fmt::format("{} over the {} group (rank {} of {})", op, group.name(), group.rank(), group.size());
+}
+
+std::shared_ptr<::gloo::transport::Device> gloo_device(const LaunchEnv& env) {
+  if (const auto interface = dist::env("GLOO_SOCKET_IFNAME")) {
+    return c10d::ProcessGroupGloo::createDeviceForInterface(*interface);
+  }
+  if (env.master_addr == "127.0.0.1" || env.master_addr == "localhost") {
+    return c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1");
+  }
+  return c10d::ProcessGroupGloo::createDefaultDevice();
+}
+
+Group make_group(const c10::intrusive_ptr<c10d::Store>& store, const LaunchEnv& env, const std::string& name,
+                 int64_t rank, int64_t size, std::chrono::milliseconds timeout, const std::string& device) {
+  if (size == 1) return Group();
+  auto prefixed = c10::make_intrusive<c10d::PrefixStore>(name + "/", store);
+  auto backend = std::make_shared<Group::Backend>();
+  if (device == "cuda") {
+#ifdef BPT_WITH_NCCL
+    auto options = c10d::ProcessGroupNCCL::Options::create();
+    options->timeout = timeout;
+    backend->backend = c10::make_intrusive<c10d::ProcessGroupNCCL>(prefixed, rank, size, options);
+#else
+    throw_input_error("--device cuda: this build of bpt has no NCCL (build with the CUDA torch, docs/distributed.md)");
+#endif
+  } else {
+    auto options = c10d::ProcessGroupGloo::Options::create(timeout);
+    options->devices.push_back(gloo_device(env));
+    backend->backend = c10::make_intrusive<c10d::ProcessGroupGloo>(prefixed, rank, size, options);
+  }
+  return Group(std::move(backend), rank, size, name);
+}
+
+}  // namespace
+
+void Work::wait() {
+  if (!wait_) return;
+  auto wait = std::move(wait_);
+  wait_ = nullptr;
+  wait();
+}
+
+LaunchEnv launch_env() {
+  LaunchEnv result;
+  const bool has_rank = env("RANK").has_value(), has_world = env("WORLD_SIZE").has_value();
+  if (!has_rank && !has_world) return result;
+  if (!has_rank || !has_world) {
+    throw_input_error("environment: {} is set but {} is not (launch with torchrun or tools/launch)",
+                      has_rank ? "RANK" : "WORLD_SIZE", has_rank ? "WORLD_SIZE" : "RANK");
+  }
+  result.launched = true;
+  result.world_size = env_int("WORLD_SIZE", 1, 1 << 20);
+  result.rank = env_int("RANK", 0, result.world_size - 1);
+  result.local_rank = env("LOCAL_RANK") ? env_int("LOCAL_RANK", 0, result.world_size - 1) : result.rank;
+  if (result.world_size > 1) {
+    for (const char* name : {"MASTER_ADDR", "MASTER_PORT"}) {
+      if (!env(name)) throw_input_error("environment: {} is not set (WORLD_SIZE is {})", name, result.world_size);
+    }
+    result.master_addr = *env("MASTER_ADDR");
+    result.master_port = static_cast<int>(env_int("MASTER_PORT", 1, 65535));
+  }
+  result.agent_store = env("TORCHELASTIC_USE_AGENT_STORE").value_or("") == "True";
+  return result;
+}
+
+MeshShape parse_mesh_dim(const std::string& mesh_dim, int64_t world_size) {
+  const std::vector<std::string> parts = split(mesh_dim, ',');
+  if (parts.size() != 3) throw_input_error("--mesh_dim: expected 'dp,fsdp,tp', got '{}'", mesh_dim);
+  int64_t dims[3];
+  int fill = -1;
+  int64_t product = 1;
+  for (int i = 0; i < 3; ++i) {
+    dims[i] = parse_int(parts[i], "--mesh_dim");
+    if (dims[i] == -1) {
+      if (fill >= 0) throw_input_error("--mesh_dim: at most one -1, got '{}'", mesh_dim);
+      fill = i;
+    } else if (dims[i] < 1) {
+      throw_input_error("--mesh_dim: expected sizes >= 1 or -1, got '{}'", mesh_dim);
+    } else {
+      product *= dims[i];
+    }
+  }
+  if (fill >= 0) {
+    if (world_size % product != 0) {
+      throw_input_error("--mesh_dim '{}': {} ranks do not divide into {}", mesh_dim, world_size, product);
+    }
+    dims[fill] = world_size / product;
+    product = world_size;
+  }
+  if (product != world_size) {
+    throw_input_error("--mesh_dim '{}': {} ranks, but the launcher started {} (WORLD_SIZE)", mesh_dim, product,
+                      world_size);
+  }
+  if (dims[2] > 1) {
+    throw_input_error("--mesh_dim '{}': tensor parallelism (tp = {}) is not supported yet; use dp and fsdp",
+                      mesh_dim, dims[2]);
+  }
+  return {dims[0], dims[1], dims[2]};
+}
+
+Mesh make_mesh(const LaunchEnv& env, const std::string& mesh_dim, std::chrono::milliseconds timeout,
+               const std::string& device) {
+  const MeshShape shape = parse_mesh_dim(mesh_dim, env.world_size);
+  Mesh mesh;
+  mesh.dp = shape.dp;
+  mesh.fsdp = shape.fsdp;
+  if (env.world_size == 1) return mesh;
+
+  c10d::TCPStoreOptions options;
+  options.port = static_cast<uint16_t>(env.master_port);
+  options.isServer = env.rank == 0 && !env.agent_store;
+  options.numWorkers = env.agent_store ? std::nullopt : std::optional<size_t>(env.world_size);
+  options.waitWorkers = !env.agent_store;
+  options.timeout = timeout;
+  c10::intrusive_ptr<c10d::Store> store;
+  try {
+    store = c10::make_intrusive<c10d::TCPStore>(env.master_addr, options);
+  } catch (const c10::Error& e) {
+    throw CollectiveError(fmt::format("rank {}: cannot reach the rendezvous store at {}:{}: {}", env.rank,
+                                      env.master_addr, env.master_port, e.what_without_backtrace()));
+  }
+  const int64_t dp_index = env.rank / shape.fsdp, fsdp_index = env.rank % shape.fsdp;
+  mesh.world = make_group(store, env, "world", env.rank, env.world_size, timeout, device);
+  mesh.fsdp_group = shape.dp == 1 ? mesh.world
+                                  : make_group(store, env, fmt::format("fsdp{}", dp_index), fsdp_index, shape.fsdp,
+                                               timeout, device);
+  mesh.dp_group = shape.fsdp == 1 ? mesh.world
+                                  : make_group(store, env, fmt::format("dp{}", fsdp_index), dp_index, shape.dp,
+                                               timeout, device);
+  return mesh;
+}
+
+Work Group::all_gather(at::Tensor out, at::Tensor in) const {
+  TORCH_CHECK(out.numel() == in.numel() * size_, "all_gather: output size");
+  if (!backend_) {
+    out.copy_(in.view_as(out));
+    return Work();
+  }
+  return wrap(backend_->backend->_allgather_base(out, in), describe(*this, "all-gather"));
+}
+
+Work Group::reduce_scatter(at::Tensor out, at::Tensor in) const {
+  TORCH_CHECK(in.numel() == out.numel() * size_, "reduce_scatter: input size");
+  if (!backend_) {
+    out.copy_(in.view_as(out));
+    return Work();
+  }
+  c10d::ReduceScatterOptions options;
+  options.reduceOp = c10d::ReduceOp::SUM;
+  return wrap(backend_->backend->_reduce_scatter_base(out, in, options), describe(*this, "reduce-scatter"));
+}
+
+void Group::all_reduce(at::Tensor t) const {
+  if (!backend_) return;
+  std::vector<at::Tensor> tensors{std::move(t)};
+  wrap(backend_->backend->allreduce(tensors), describe(*this, "all-reduce")).wait();
+}
+
+void Group::barrier() const {
+  if (!backend_) return;
+  wrap(backend_->backend->barrier(), describe(*this, "barrier")).wait();
+}
+
+}  // namespace bpt::dist
