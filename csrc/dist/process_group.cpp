@@ -28,33 +28,38 @@ std::optional<std::string> env(const char* name) {
 }
 
 int64_t env_int(const char* name, int64_t min, int64_t max) {
-  const std::string value = *env(name);
-  int64_t parsed = 0;
-  try {
-    parsed = parse_int(value, name);
-  } catch (const InputError&) {
-    throw_input_error("environment variable {}: expected an integer, got '{}'", name, value);
-  }
+  const int64_t parsed = parse_int(*env(name), fmt::format("environment variable {}", name));
   if (parsed < min || parsed > max) {
     throw_input_error("environment variable {}: expected {}..{}, got {}", name, min, max, parsed);
   }
   return parsed;
 }
 
-// A collective's Work, waited on with c10d's errors turned into one CollectiveError.
-Work wrap(c10::intrusive_ptr<c10d::Work> work, std::string what) {
+// Gloo's own exceptions (a peer's connection reset) reach us as they are; c10d's are c10::Errors.
+[[noreturn]] void fail(const std::string& what, const std::exception& e) {
+  const auto* c10_error = dynamic_cast<const c10::Error*>(&e);
+  throw CollectiveError(fmt::format("{} failed (another rank may have stopped, or the collective timed out): {}",
+                                    what, c10_error ? c10_error->what_without_backtrace() : e.what()));
+}
+
+// Starts a collective with `start` and returns its Work; c10d's errors, when starting or
+// waiting, become one CollectiveError naming the operation, the group and this rank.
+template <typename Start>
+Work collective(const Group& group, const char* op, Start&& start) {
+  std::string what = fmt::format("{} over the {} group (rank {} of {})", op, group.name(), group.rank(), group.size());
+  c10::intrusive_ptr<c10d::Work> work;
+  try {
+    work = start();
+  } catch (const std::exception& e) {
+    fail(what, e);
+  }
   return Work([work = std::move(work), what = std::move(what)] {
     try {
       work->wait();
-    } catch (const c10::Error& e) {
-      throw CollectiveError(fmt::format("{} failed: {} (another rank may have stopped, or the collective timed "
-                                        "out)", what, e.what_without_backtrace()));
+    } catch (const std::exception& e) {
+      fail(what, e);
     }
   });
-}
-
-std::string describe(const Group& group, const char* op) {
-  return fmt::format("{} over the {} group (rank {} of {})", op, group.name(), group.rank(), group.size());
 }
 
 std::shared_ptr<::gloo::transport::Device> gloo_device(const LaunchEnv& env) {
@@ -193,7 +198,7 @@ Work Group::all_gather(at::Tensor out, at::Tensor in) const {
     out.copy_(in.view_as(out));
     return Work();
   }
-  return wrap(backend_->backend->_allgather_base(out, in), describe(*this, "all-gather"));
+  return collective(*this, "all-gather", [&] { return backend_->backend->_allgather_base(out, in); });
 }
 
 Work Group::reduce_scatter(at::Tensor out, at::Tensor in) const {
@@ -204,18 +209,19 @@ Work Group::reduce_scatter(at::Tensor out, at::Tensor in) const {
   }
   c10d::ReduceScatterOptions options;
   options.reduceOp = c10d::ReduceOp::SUM;
-  return wrap(backend_->backend->_reduce_scatter_base(out, in, options), describe(*this, "reduce-scatter"));
+  return collective(*this, "reduce-scatter",
+                    [&] { return backend_->backend->_reduce_scatter_base(out, in, options); });
 }
 
 void Group::all_reduce(at::Tensor t) const {
   if (!backend_) return;
   std::vector<at::Tensor> tensors{std::move(t)};
-  wrap(backend_->backend->allreduce(tensors), describe(*this, "all-reduce")).wait();
+  collective(*this, "all-reduce", [&] { return backend_->backend->allreduce(tensors); }).wait();
 }
 
 void Group::barrier() const {
   if (!backend_) return;
-  wrap(backend_->backend->barrier(), describe(*this, "barrier")).wait();
+  collective(*this, "barrier", [&] { return backend_->backend->barrier(); }).wait();
 }
 
 }  // namespace bpt::dist
