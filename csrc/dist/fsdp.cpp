@@ -1,6 +1,7 @@
 #include "csrc/dist/fsdp.h"
 
 #include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
 
 #include <filesystem>
 

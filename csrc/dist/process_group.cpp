@@ -17,6 +17,7 @@ namespace bpt::dist {
 
 struct Group::Backend {
   c10::intrusive_ptr<c10d::Backend> backend;
+  at::Device device = at::kCPU;  // where its collectives' tensors live (NCCL: this rank's GPU)
 };
 
 namespace {
@@ -82,6 +83,7 @@ Group make_group(const c10::intrusive_ptr<c10d::Store>& store, const LaunchEnv& 
     auto options = c10d::ProcessGroupNCCL::Options::create();
     options->timeout = timeout;
     backend->backend = c10::make_intrusive<c10d::ProcessGroupNCCL>(prefixed, rank, size, options);
+    backend->device = at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(env.local_rank));
 #else
     throw_input_error("--device cuda: this build of bpt has no NCCL (build with the CUDA torch, docs/distributed.md)");
 #endif
@@ -215,8 +217,10 @@ Work Group::reduce_scatter(at::Tensor out, at::Tensor in) const {
 
 void Group::all_reduce(at::Tensor t) const {
   if (!backend_) return;
-  std::vector<at::Tensor> tensors{std::move(t)};
+  // Small host values (token counts, norms) travel through the backend's device.
+  std::vector<at::Tensor> tensors{t.device() == backend_->device ? t : t.to(backend_->device)};
   collective(*this, "all-reduce", [&] { return backend_->backend->allreduce(tensors); }).wait();
+  if (!tensors[0].is_same(t)) t.copy_(tensors[0]);
 }
 
 void Group::barrier() const {

@@ -12,7 +12,9 @@ Each (case, phase) runs in a fresh process. Records written with --out are a JSO
 - <phase>_peak_mb: the peak resident memory the phase reached above what its process held
   just before it ran (inputs allocated), read from the kernel's VmHWM after resetting it;
   peak_mb is the largest over the phases.
-A phase may return None to mark itself skipped (e.g. naive attention beyond its memory).
+A phase may return None to mark itself skipped (e.g. naive attention beyond its memory), or
+(ms, peak_mb, extra): extra, a dict of further numbers it measured (e.g. bytes communicated),
+is copied into the record as it is.
 """
 
 from __future__ import annotations
@@ -104,7 +106,9 @@ def _child(run_phase, params: dict, phase: str) -> dict:
 
     torch.manual_seed(0)
     result = run_phase(params, phase)
-    return {"skipped": True} if result is None else {"ms": result[0], "peak_mb": result[1]}
+    if result is None:
+        return {"skipped": True}
+    return {"ms": result[0], "peak_mb": result[1], "extra": result[2] if len(result) > 2 else {}}
 
 
 def _run_in_process(script: str, params: dict, phase: str, timeout: float) -> dict:
@@ -161,6 +165,7 @@ def main(script: str, cases, phases, run_phase, add_args=None, annotate=None) ->
             else:
                 record[f"{phase}_ms"] = result["ms"]
                 record[f"{phase}_peak_mb"] = result["peak_mb"]
+                record.update(result["extra"])
         done = [p for p in phases if f"{p}_ms" in record]
         if done:
             record["ms"] = record[f"{done[0]}_ms"]
