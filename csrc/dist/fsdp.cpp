@@ -30,6 +30,7 @@ struct Fsdp::Unit {
   Work gather;
   bool gathering = false, is_gathered = false;
   bool keep = false;  // gathered for a forward with activations kept: reduced in finish_backward
+  at::Tensor grad_flat;  // [padded]: the parameters' .grad are views into it while it is set
   at::Tensor reduce_in, reduce_out;
   Work reduce;
   bool reducing = false;
@@ -104,10 +105,26 @@ void Fsdp::wait_gathered(Unit& unit) {
 
 void Fsdp::free(Unit& unit) {
   if (!unit.is_gathered) return;
+  if (unit.grad_flat.defined() && !unit.reducing) {  // gathered for a backward that never came
+    for (Entry& entry : unit.entries) entry.param.mutable_grad() = at::Tensor();
+    unit.grad_flat = at::Tensor();
+  }
   for (Entry& entry : unit.entries) entry.param.set_data(at::empty({0}, unit.shard.options()));
   unit.gathered = at::Tensor();
   unit.is_gathered = false;
   unit.keep = false;
+}
+
+at::ScalarType Fsdp::reduce_dtype(const Unit& unit) const { return options_.fp32_reduce ? at::kFloat : unit.dtype; }
+
+void Fsdp::attach_grads(Unit& unit) {
+  // Autograd adds into a parameter's existing .grad in place, so gradients land in the flat
+  // buffer the reduce-scatter sends, with no copy. (An fp32 reduce of bf16 parameters copies.)
+  if (unit.grad_flat.defined() || reduce_dtype(unit) != unit.dtype || !at::GradMode::is_enabled()) return;
+  unit.grad_flat = at::zeros({unit.padded}, unit.shard.options());
+  for (Entry& entry : unit.entries) {
+    entry.param.mutable_grad() = unit.grad_flat.narrow(0, entry.offset, entry.numel).view(entry.shape);
+  }
 }
 
 void Fsdp::start_reduce(Unit& unit) {
@@ -115,12 +132,16 @@ void Fsdp::start_reduce(Unit& unit) {
   for (auto& other : units_) {
     if (other.get() != &unit) finish_reduce(*other);
   }
-  const at::ScalarType dtype = options_.fp32_reduce ? at::kFloat : unit.dtype;
-  unit.reduce_in = at::zeros({unit.padded}, at::TensorOptions().dtype(dtype));
+  if (unit.grad_flat.defined()) {
+    unit.reduce_in = std::move(unit.grad_flat);
+    unit.grad_flat = at::Tensor();
+  } else {
+    unit.reduce_in = at::zeros({unit.padded}, at::TensorOptions().dtype(reduce_dtype(unit)));
+  }
   for (Entry& entry : unit.entries) {
     at::Tensor& grad = entry.param.mutable_grad();
     if (!grad.defined()) continue;
-    unit.reduce_in.narrow(0, entry.offset, entry.numel).copy_(grad.reshape({-1}));
+    if (!grad.is_alias_of(unit.reduce_in)) unit.reduce_in.narrow(0, entry.offset, entry.numel).copy_(grad.reshape({-1}));
     grad = at::Tensor();
   }
   unit.reduce_out = at::empty({unit.shard_numel}, unit.reduce_in.options());
@@ -151,13 +172,17 @@ std::vector<at::Tensor> Fsdp::run(size_t index, const nn::TensorFn& fn, const st
   };
   if (!recompute && at::GradMode::is_enabled()) {
     gather_this_and_prefetch(static_cast<int64_t>(index) + 1);
+    attach_grads(unit);
     unit.keep = true;
     return fn(inputs);
   }
   nn::CheckpointHooks hooks;
   hooks.before_forward = [=] { gather_this_and_prefetch(static_cast<int64_t>(index) + 1); };
   hooks.after_forward = [this, &unit] { free(unit); };
-  hooks.before_recompute = [=] { gather_this_and_prefetch(static_cast<int64_t>(index) - 1); };
+  hooks.before_recompute = [=, &unit] {
+    gather_this_and_prefetch(static_cast<int64_t>(index) - 1);
+    attach_grads(unit);
+  };
   hooks.after_backward = [this, &unit] {
     start_reduce(unit);
     free(unit);
@@ -167,6 +192,7 @@ std::vector<at::Tensor> Fsdp::run(size_t index, const nn::TensorFn& fn, const st
 
 void Fsdp::gather_root() {
   wait_gathered(*units_[0]);
+  attach_grads(*units_[0]);
   units_[0]->keep = true;
 }
 

@@ -94,6 +94,8 @@ class Fsdp {
   void start_gather(Unit& unit);
   void wait_gathered(Unit& unit);
   void free(Unit& unit);
+  at::ScalarType reduce_dtype(const Unit& unit) const;
+  void attach_grads(Unit& unit);
   void start_reduce(Unit& unit);
   void finish_reduce(Unit& unit);
   // The entry of parameter `name`, or of the parameter "<name>.<suffix>" belongs to; null if none.
