@@ -208,7 +208,9 @@ def test_bad_mesh_or_batch_exits_2_on_every_rank(tmp_path, world, flag, message)
         assert code == 2 and message in err, err
 
 
-def test_launcher_trains_and_sigterm_saves_on_every_rank(tmp_path):
+@pytest.mark.parametrize("how", ["sigterm", "ctrl-c"])
+def test_launcher_stops_every_rank_with_a_checkpoint(tmp_path, how):
+    """SIGTERM to torchrun, or ^C (SIGINT to the launcher's process group); torchrun forwards it."""
     out = tmp_path / "run"
     launcher = subprocess.Popen([str(ROOT / "tools/launch"), "--nproc", "2", "bpt-train", *TINY,
                                  f"--logger.output_dir={out}", "--total_steps=100000"],
@@ -218,7 +220,10 @@ def test_launcher_trains_and_sigterm_saves_on_every_rank(tmp_path):
     while not (metrics.exists() and metrics.read_text().count("\n") >= 3):
         assert time.monotonic() < deadline and launcher.poll() is None, launcher.stderr.read()
         time.sleep(0.1)
-    launcher.send_signal(signal.SIGTERM)
+    if how == "sigterm":
+        launcher.send_signal(signal.SIGTERM)
+    else:
+        os.killpg(launcher.pid, signal.SIGINT)
     try:
         out_text, err = launcher.communicate(timeout=60)
     finally:

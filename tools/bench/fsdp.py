@@ -20,7 +20,8 @@ from forward to optimizer step). step_peak_mb is rank 0's whole peak resident me
 (VmHWM: model, optimizer state, activations, and for torch the Python runtime); tokens_per_s
 is the global rate, B * T / step time.
 
-bpt-fsdp2 also records comm_mb_per_step, the bytes rank 0 passed to all-gathers and
+bpt's cases record state_mb, the parameters, gradients and optimizer state rank 0 holds
+(from its metrics.jsonl); bpt-fsdp2 also records comm_mb_per_step, the bytes rank 0 passed to all-gathers and
 reduce-scatters in a step (whole gathered buffers), and comm_theory_mb, FSDP's
 3 x the parameter bytes (gather for forward, gather again for backward, reduce-scatter the
 gradients). bpt gathers the root unit (embedding, final norm, head) once per step, not
@@ -95,10 +96,10 @@ def run_bpt(p):
         records = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     timed = [r for r in records if "tokens_per_s" in r][WARMUP:]
     ms = statistics.median(p["B"] * p["T"] / r["tokens_per_s"] * 1e3 for r in timed)
-    extra = {}
+    extra = {"state_mb": timed[-1]["state_mb"]}
     if p["impl"] == "bpt-fsdp2":
-        extra = {"comm_mb_per_step": statistics.median(r["comm_mb_per_step"] for r in timed),
-                 "comm_theory_mb": 3 * parameter_bytes(config) / 1e6}
+        extra.update(comm_mb_per_step=statistics.median(r["comm_mb_per_step"] for r in timed),
+                     comm_theory_mb=3 * parameter_bytes(config) / 1e6)
     return ms, max(r["peak_memory_mb"] for r in records), extra
 
 

@@ -45,7 +45,7 @@ def table_lines(records, markdown=False):
         base_impl = next((b for b in BASELINES if b in impls), None)
         metrics = list(dict.fromkeys(
             m for k in keys for r in groups[k].values() for m in r
-            if m.endswith(("_ms", "_peak_mb", "_per_s")) or m.startswith(("max_", "comm_"))))
+            if m.endswith(("_ms", "_peak_mb", "_per_s")) or m.startswith(("max_", "comm_", "state_"))))
         metrics = [m for m in metrics if m.endswith("_ms")] + [m for m in metrics if not m.endswith("_ms")]
         header = ["params", "impl"] + metrics
         body = []
