@@ -16,7 +16,6 @@
 #include "csrc/common/error.h"
 #include "csrc/common/text.h"
 #include "csrc/dist/process_group.h"
-#include "csrc/dist/process_group.h"
 #include "models/llama/config.h"
 
 namespace bpt::app {
@@ -31,9 +30,6 @@ inline int run(const char* name, const std::function<int()>& body) {
   } catch (const std::filesystem::filesystem_error& e) {
     std::fprintf(stderr, "%s: error: %s: %s\n", name, e.path1().c_str(), e.code().message().c_str());
     return 2;
-  } catch (const dist::CollectiveError& e) {
-    std::fprintf(stderr, "%s: error: %s\n", name, e.what());
-    return 1;
   } catch (const dist::CollectiveError& e) {
     std::fprintf(stderr, "%s: error: %s\n", name, e.what());
     return 1;

@@ -94,8 +94,19 @@ int train(int argc, char** argv) {
 
   const bpt::models::llama::LlamaConfig llama = model_config(config);
   if (config.dist_timeout_s < 1) throw_input_error("--dist_timeout: expected >= 1 second, got {}", config.dist_timeout_s);
-  const bpt::dist::Mesh mesh = bpt::dist::make_mesh(bpt::dist::launch_env(), config.mesh_dim,
-                                                    std::chrono::seconds(config.dist_timeout_s));
+  const bpt::dist::LaunchEnv launch = bpt::dist::launch_env();
+  // The batch is global: each rank takes batch_size / ranks rows of it.
+  for (const auto& [flag, dataset] : {std::pair{"train_dataset", &config.train_dataset},
+                                      std::pair{"eval_dataset", &config.eval_dataset}}) {
+    const bool used = dataset == &config.train_dataset || config.trainer.eval_freq > 0;
+    if (used && dataset->batch_size % launch.world_size != 0) {
+      throw_input_error("--{}.json_dataset.batch_size {} does not divide among {} data-parallel ranks (the batch is "
+                        "global: each rank takes batch_size / ranks rows)", flag, dataset->batch_size,
+                        launch.world_size);
+    }
+  }
+  const bpt::dist::Mesh mesh =
+      bpt::dist::make_mesh(launch, config.mesh_dim, std::chrono::seconds(config.dist_timeout_s));
   std::unique_ptr<bpt::data::Tokenizer> tokenizer;
   if (!config.tokenizer_vocab_file.empty()) {
     tokenizer = std::make_unique<bpt::data::Tokenizer>(config.tokenizer_vocab_file);
@@ -125,7 +136,7 @@ int train(int argc, char** argv) {
   if (kind == "params" || kind == "hf") bpt::io::load_llama_weights(*model, checkpoint_dir);
   bpt::train::LlamaModule module(model, bpt::train::parse_remat_policy(llama.remat_policy));
   module.tokenizer_file = config.tokenizer_vocab_file;
-  if (mesh.sharded()) module.shard(mesh, config.fsdp);
+  if (mesh.distributed()) module.shard(mesh, config.fsdp);
 
   if (!config.load_dataset_state.empty()) {
     std::ifstream stream(config.load_dataset_state);

@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <ATen/core/grad_mode.h>
 
+#include <algorithm>
 #include <filesystem>
 
 #include "csrc/common/error.h"
@@ -16,7 +17,7 @@ struct Fsdp::Entry {
   at::Tensor param;  // the module's tensor: empty, or a view into the gathered buffer
   std::vector<int64_t> shape;
   int64_t offset = 0, numel = 0;  // in the flat buffer
-  int64_t begin = 0, end = 0;     // [begin, end): flat positions of this parameter in this rank's shard
+  int64_t begin = 0, end = 0;     // [begin, end): the flat positions of this parameter that this rank's shard holds
   size_t unit = 0;
 };
 
@@ -29,7 +30,7 @@ struct Fsdp::Unit {
   at::Tensor gathered;    // [padded] while gathered or being gathered
   Work gather;
   bool gathering = false, is_gathered = false;
-  bool keep = false;  // gathered for a forward with activations kept: reduced in finish_backward
+  bool kept_for_backward = false;  // stays gathered until finish_backward (root, activations kept)
   at::Tensor grad_flat;  // [padded]: the parameters' .grad are views into it while it is set
   at::Tensor reduce_in, reduce_out;
   Work reduce;
@@ -40,14 +41,16 @@ Fsdp::Fsdp(const Mesh& mesh, std::vector<NamedParameters> units, FsdpOptions opt
     : mesh_(mesh), options_(options) {
   at::NoGradGuard no_grad;
   const int64_t ranks = mesh_.fsdp_group.size(), rank = mesh_.fsdp_group.rank();
+  std::vector<double> checksums;
   for (size_t u = 0; u < units.size(); ++u) {
     auto unit = std::make_unique<Unit>();
     int64_t total = 0;
+    at::TensorOptions options = at::TensorOptions().dtype(at::kFloat);
     for (auto& [name, param] : units[u]) {
-      if (!unit->entries.empty() && param.scalar_type() != unit->dtype) {
-        throw std::invalid_argument(fmt::format("Fsdp: unit {} mixes dtypes ({})", u, name));
-      }
+      TORCH_CHECK(unit->entries.empty() || param.scalar_type() == unit->dtype, "Fsdp: unit ", u,
+                  " mixes dtypes (", name, ")");
       unit->dtype = param.scalar_type();
+      options = param.options();
       Entry entry;
       entry.name = name;
       entry.param = param;
@@ -61,7 +64,7 @@ Fsdp::Fsdp(const Mesh& mesh, std::vector<NamedParameters> units, FsdpOptions opt
     unit->shard_numel = (total + ranks - 1) / ranks;
     unit->padded = unit->shard_numel * ranks;
     unit->shard_offset = rank * unit->shard_numel;
-    at::Tensor flat = at::zeros({unit->padded}, at::TensorOptions().dtype(unit->dtype));
+    at::Tensor flat = at::zeros({unit->padded}, options);
     for (Entry& entry : unit->entries) {
       flat.narrow(0, entry.offset, entry.numel).copy_(entry.param.detach().reshape({-1}));
       entry.begin = std::clamp(unit->shard_offset, entry.offset, entry.offset + entry.numel);
@@ -69,8 +72,13 @@ Fsdp::Fsdp(const Mesh& mesh, std::vector<NamedParameters> units, FsdpOptions opt
       entry.param.set_data(at::empty({0}, flat.options()));
     }
     unit->shard = flat.narrow(0, unit->shard_offset, unit->shard_numel).clone();
+    checksums.push_back(flat.sum().item<double>());
+    checksums.push_back(flat.abs().sum().item<double>());
     units_.push_back(std::move(unit));
   }
+  // Shards of different weights would train a model no rank holds: refuse that at once.
+  TORCH_CHECK(mesh_.world.all_equal(checksums),
+              "Fsdp: the ranks hold different weights (seed each rank alike, or load the same checkpoint)");
   for (const auto& unit : units_) {
     for (const Entry& entry : unit->entries) {
       by_name_[entry.name] = &entry;
@@ -88,7 +96,7 @@ void Fsdp::start_gather(Unit& unit) {
   if (unit.gathering || unit.is_gathered) return;
   unit.gathered = at::empty({unit.padded}, unit.shard.options());
   unit.gather = mesh_.fsdp_group.all_gather(unit.gathered, unit.shard);
-  communicated_bytes_ += unit.gathered.nbytes();
+  if (mesh_.fsdp_group.size() > 1) communicated_bytes_ += unit.gathered.nbytes();
   unit.gathering = true;
 }
 
@@ -112,7 +120,7 @@ void Fsdp::free(Unit& unit) {
   for (Entry& entry : unit.entries) entry.param.set_data(at::empty({0}, unit.shard.options()));
   unit.gathered = at::Tensor();
   unit.is_gathered = false;
-  unit.keep = false;
+  unit.kept_for_backward = false;
 }
 
 at::ScalarType Fsdp::reduce_dtype(const Unit& unit) const { return options_.fp32_reduce ? at::kFloat : unit.dtype; }
@@ -136,7 +144,7 @@ void Fsdp::start_reduce(Unit& unit) {
     unit.reduce_in = std::move(unit.grad_flat);
     unit.grad_flat = at::Tensor();
   } else {
-    unit.reduce_in = at::zeros({unit.padded}, at::TensorOptions().dtype(reduce_dtype(unit)));
+    unit.reduce_in = at::zeros({unit.padded}, unit.shard.options().dtype(reduce_dtype(unit)));
   }
   for (Entry& entry : unit.entries) {
     at::Tensor& grad = entry.param.mutable_grad();
@@ -146,7 +154,7 @@ void Fsdp::start_reduce(Unit& unit) {
   }
   unit.reduce_out = at::empty({unit.shard_numel}, unit.reduce_in.options());
   unit.reduce = mesh_.fsdp_group.reduce_scatter(unit.reduce_out, unit.reduce_in);
-  communicated_bytes_ += unit.reduce_in.nbytes();
+  if (mesh_.fsdp_group.size() > 1) communicated_bytes_ += unit.reduce_in.nbytes();
   unit.reducing = true;
 }
 
@@ -170,16 +178,22 @@ std::vector<at::Tensor> Fsdp::run(size_t index, const nn::TensorFn& fn, const st
     wait_gathered(*units_[index]);
     if (options_.prefetch && next >= 1 && next < static_cast<int64_t>(units_.size())) start_gather(*units_[next]);
   };
-  if (!recompute && at::GradMode::is_enabled()) {
+  // Without recomputation, or when no input needs a gradient (say, a frozen embedding) and
+  // backward reaches the parameters only through the graph fn builds, the unit stays gathered.
+  const bool any_input_grad =
+      std::any_of(inputs.begin(), inputs.end(), [](const at::Tensor& t) { return t.requires_grad(); });
+  if (at::GradMode::is_enabled() && (!recompute || !any_input_grad)) {
     gather_this_and_prefetch(static_cast<int64_t>(index) + 1);
     attach_grads(unit);
-    unit.keep = true;
+    unit.kept_for_backward = true;
     return fn(inputs);
   }
   nn::CheckpointHooks hooks;
-  hooks.before_forward = [=] { gather_this_and_prefetch(static_cast<int64_t>(index) + 1); };
+  hooks.before_forward = [gather_this_and_prefetch, index] {
+    gather_this_and_prefetch(static_cast<int64_t>(index) + 1);
+  };
   hooks.after_forward = [this, &unit] { free(unit); };
-  hooks.before_recompute = [=, &unit] {
+  hooks.before_recompute = [this, gather_this_and_prefetch, index, &unit] {
     gather_this_and_prefetch(static_cast<int64_t>(index) - 1);
     attach_grads(unit);
   };
@@ -193,13 +207,13 @@ std::vector<at::Tensor> Fsdp::run(size_t index, const nn::TensorFn& fn, const st
 void Fsdp::gather_root() {
   wait_gathered(*units_[0]);
   attach_grads(*units_[0]);
-  units_[0]->keep = true;
+  units_[0]->kept_for_backward = true;
 }
 
 void Fsdp::finish_backward() {
   at::NoGradGuard no_grad;
   for (auto& unit : units_) {
-    if (!unit->keep) continue;
+    if (!unit->kept_for_backward) continue;
     start_reduce(*unit);
     free(*unit);
   }
@@ -207,7 +221,10 @@ void Fsdp::finish_backward() {
   const double world = static_cast<double>(mesh_.world_size());
   for (auto& unit : units_) {
     if (!unit->grad_shard.defined()) continue;  // no gradient reached this unit
-    if (mesh_.dp > 1) mesh_.dp_group.all_reduce(unit->grad_shard);
+    if (mesh_.dp > 1) {
+      mesh_.dp_group.all_reduce(unit->grad_shard);
+      communicated_bytes_ += unit->grad_shard.nbytes();
+    }
     if (world > 1) unit->grad_shard.div_(world);
   }
   for (auto& [name, piece] : pieces_) {

@@ -13,13 +13,15 @@
 //   before), so communication overlaps compute.
 // - With recompute off (remat policy everything_saveable) a unit stays gathered until
 //   finish_backward(), its activations kept, as FSDP's reshard_after_forward=False.
-// - The root unit is gathered on first use in a step and kept until finish_backward().
+// - The root unit is gathered on first use in a step and kept until finish_backward() (as
+//   FSDP2 keeps its root: the head is the first thing backward needs).
 // - finish_backward() reduce-scatters what is left, all-reduces the shards over the dp
 //   group (hybrid sharding), divides by the world size (an average over data-parallel ranks)
 //   and hands each piece its gradient: the optimizer then works on shards only.
 //
 // Gathered parameters and computation use the parameters' dtype (bf16 models gather bf16);
-// gradients are reduced in that dtype, or in fp32 with fp32_reduce. The optimizer keeps fp32
+// gradients are reduced in that dtype, or in fp32 with fp32_reduce (the root and kept units
+// still sum micro-batches in the parameters' dtype before their one reduce). The optimizer keeps fp32
 // masters of its pieces (csrc/train/adamw.h).
 #include <ATen/core/Tensor.h>
 
@@ -46,14 +48,16 @@ using NamedParameters = std::vector<std::pair<std::string, at::Tensor>>;
 class Fsdp {
  public:
   // units[0] is the root. Every rank passes the same units with the same values (the same
-  // seed, or loaded weights); each keeps its shard and empties the module's tensors.
+  // seed, or loaded weights: checked, it fails otherwise); each keeps its shard and empties
+  // the module's tensors. The shards stay on the parameters' device.
   Fsdp(const Mesh& mesh, std::vector<NamedParameters> units, FsdpOptions options = {});
   ~Fsdp();
   Fsdp(const Fsdp&) = delete;
   Fsdp& operator=(const Fsdp&) = delete;
 
-  // fn(inputs) with unit `unit` (>= 1) gathered, as described above.
-  std::vector<at::Tensor> run(size_t unit, const nn::TensorFn& fn, const std::vector<at::Tensor>& inputs,
+  // fn(inputs) with unit `index` (>= 1) gathered, as described above. Under grad mode with
+  // no input that requires grad, the unit is kept gathered, as with recompute off.
+  std::vector<at::Tensor> run(size_t index, const nn::TensorFn& fn, const std::vector<at::Tensor>& inputs,
                               bool recompute = true);
   // Gathers the root unit, if not already.
   void gather_root();
@@ -71,7 +75,8 @@ class Fsdp {
   double sum_over_shards(double local) const;
   // Bytes of the shards and gradient shards this rank holds (padding included).
   int64_t held_bytes() const;
-  // Bytes passed to all-gathers and reduce-scatters so far (whole gathered buffers).
+  // Bytes of the buffers this rank has handed to collectives so far: whole gathered and
+  // reduce-scatter buffers, and the gradient shards all-reduced across replicas.
   int64_t communicated_bytes() const { return communicated_bytes_; }
 
   // Checkpoints (csrc/io/sharded_checkpoint.h). Writes this rank's pieces of `tensors`

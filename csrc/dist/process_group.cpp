@@ -5,10 +5,14 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 #ifdef BPT_WITH_NCCL
+#include <c10/cuda/CUDAFunctions.h>
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
 
+#include <cmath>
 #include <cstdlib>
+#include <optional>
+#include <vector>
 
 #include "csrc/common/error.h"
 #include "csrc/common/text.h"
@@ -78,19 +82,26 @@ Group make_group(const c10::intrusive_ptr<c10d::Store>& store, const LaunchEnv& 
   if (size == 1) return Group();
   auto prefixed = c10::make_intrusive<c10d::PrefixStore>(name + "/", store);
   auto backend = std::make_shared<Group::Backend>();
-  if (device == "cuda") {
+  try {
+    if (device == "cuda") {
 #ifdef BPT_WITH_NCCL
-    auto options = c10d::ProcessGroupNCCL::Options::create();
-    options->timeout = timeout;
-    backend->backend = c10::make_intrusive<c10d::ProcessGroupNCCL>(prefixed, rank, size, options);
-    backend->device = at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(env.local_rank));
+      backend->device = at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(env.local_rank));
+      c10::cuda::set_device(backend->device.index());  // NCCL's communicators bind the current device
+      auto options = c10d::ProcessGroupNCCL::Options::create();
+      options->timeout = timeout;
+      backend->backend = c10::make_intrusive<c10d::ProcessGroupNCCL>(prefixed, rank, size, options);
 #else
-    throw_input_error("--device cuda: this build of bpt has no NCCL (build with the CUDA torch, docs/distributed.md)");
+      throw_input_error("device cuda: this build of bpt has no NCCL (docs/distributed.md)");
 #endif
-  } else {
-    auto options = c10d::ProcessGroupGloo::Options::create(timeout);
-    options->devices.push_back(gloo_device(env));
-    backend->backend = c10::make_intrusive<c10d::ProcessGroupGloo>(prefixed, rank, size, options);
+    } else {
+      auto options = c10d::ProcessGroupGloo::Options::create(timeout);
+      options->devices.push_back(gloo_device(env));
+      backend->backend = c10::make_intrusive<c10d::ProcessGroupGloo>(prefixed, rank, size, options);
+    }
+  } catch (const InputError&) {
+    throw;
+  } catch (const std::exception& e) {
+    fail(fmt::format("connecting the {} group (rank {} of {})", name, rank, size), e);
   }
   return Group(std::move(backend), rank, size, name);
 }
@@ -180,8 +191,16 @@ Mesh make_mesh(const LaunchEnv& env, const std::string& mesh_dim, std::chrono::m
   try {
     store = c10::make_intrusive<c10d::TCPStore>(env.master_addr, options);
   } catch (const c10::Error& e) {
-    throw CollectiveError(fmt::format("rank {}: cannot reach the rendezvous store at {}:{}: {}", env.rank,
-                                      env.master_addr, env.master_port, e.what_without_backtrace()));
+    const std::string where = fmt::format("{}:{}", env.master_addr, env.master_port);
+    throw CollectiveError(options.isServer
+                              ? fmt::format("rank 0: hosting the rendezvous store on {} failed, or not every rank "
+                                            "joined in time: {}", where, e.what_without_backtrace())
+                              : fmt::format("rank {}: cannot reach the rendezvous store at {}: {}", env.rank, where,
+                                            e.what_without_backtrace()));
+  }
+  // A restarted torchrun attempt must not meet the keys of the one before (as torch does).
+  if (const auto attempt = dist::env("TORCHELASTIC_RESTART_COUNT")) {
+    store = c10::make_intrusive<c10d::PrefixStore>("/worker/attempt_" + *attempt, store);
   }
   const int64_t dp_index = env.rank / shape.fsdp, fsdp_index = env.rank % shape.fsdp;
   mesh.world = make_group(store, env, "world", env.rank, env.world_size, timeout, device);
@@ -221,6 +240,31 @@ void Group::all_reduce(at::Tensor t) const {
   std::vector<at::Tensor> tensors{t.device() == backend_->device ? t : t.to(backend_->device)};
   collective(*this, "all-reduce", [&] { return backend_->backend->allreduce(tensors); }).wait();
   if (!tensors[0].is_same(t)) t.copy_(tensors[0]);
+}
+
+bool Group::all_equal(const std::vector<double>& values) const {
+  if (!backend_) return true;
+  at::Tensor sums = at::tensor(values, at::kDouble);
+  all_reduce(sums);
+  bool same = true;
+  for (size_t i = 0; i < values.size(); ++i) {
+    const double want = values[i] * static_cast<double>(size_);
+    same = same && std::abs(sums[i].item<double>() - want) <= 1e-9 * std::max(1.0, std::abs(want));
+  }
+  at::Tensor disagree = at::full({1}, same ? 0.0 : 1.0, at::kDouble);
+  all_reduce(disagree);  // so that every rank gives the same answer
+  return disagree.item<double>() == 0;
+}
+
+std::string Group::broadcast(const std::string& text) const {
+  if (!backend_) return text;
+  at::Tensor length = at::full({1}, rank_ == 0 ? static_cast<int64_t>(text.size()) : 0, at::kLong);
+  all_reduce(length);
+  at::Tensor bytes = at::zeros({length.item<int64_t>()}, at::kInt);  // Gloo sums ints, not chars
+  if (rank_ == 0) std::copy(text.begin(), text.end(), bytes.data_ptr<int32_t>());
+  all_reduce(bytes);
+  const int32_t* data = bytes.data_ptr<int32_t>();
+  return std::string(data, data + bytes.numel());
 }
 
 void Group::barrier() const {

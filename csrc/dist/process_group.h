@@ -4,6 +4,7 @@
 //
 //   RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT    set by torchrun (or tools/launch)
 //   TORCHELASTIC_USE_AGENT_STORE=True                         torchrun hosts the store itself
+//   TORCHELASTIC_RESTART_COUNT                                torchrun's attempt: its store keys are apart
 //   GLOO_SOCKET_IFNAME                                        the network interface, if not the default
 //
 // Without RANK and WORLD_SIZE the process is a world of one and no collective runs.
@@ -17,6 +18,7 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 namespace bpt::dist {
 
@@ -71,6 +73,10 @@ class Group {
   // t = the sum over ranks of t; waits.
   void all_reduce(at::Tensor t) const;
   void barrier() const;
+  // Whether every rank passed the same values (up to rounding); every rank gets the answer.
+  bool all_equal(const std::vector<double>& values) const;
+  // Rank 0's `text`, on every rank.
+  std::string broadcast(const std::string& text) const;
 
  private:
   std::shared_ptr<Backend> backend_;  // null: a group of one
@@ -86,7 +92,7 @@ struct Mesh {
   Group dp_group;    // the ranks holding the same shard in each replica
   int64_t rank() const { return world.rank(); }
   int64_t world_size() const { return world.size(); }
-  bool sharded() const { return world.size() > 1; }
+  bool distributed() const { return world.size() > 1; }
 };
 
 // Parses `mesh_dim` ("dp,fsdp,tp"; one -1 takes the ranks left) against the world size.

@@ -51,21 +51,11 @@ void write_file_atomically(const std::string& path, const std::string& text) {
   file.commit();
 }
 
-namespace {
-std::string normalised(const std::string& dir) {
+AtomicDirectory::AtomicDirectory(std::string dir) {
   std::filesystem::path path = std::filesystem::absolute(dir).lexically_normal();
   if (!path.has_filename()) path = path.parent_path();  // "out/" -> "out"
-  return path.string();
-}
-}  // namespace
-
-std::string AtomicDirectory::temporary_path(const std::string& dir, int64_t pid) {
-  return normalised(dir) + ".tmp-" + std::to_string(pid);
-}
-
-AtomicDirectory::AtomicDirectory(std::string dir) {
-  dir_ = normalised(dir);
-  temp_ = temporary_path(dir_, ::getpid());
+  dir_ = path.string();
+  temp_ = dir_ + ".tmp-" + std::to_string(::getpid());
   std::filesystem::remove_all(temp_);
   std::filesystem::create_directories(temp_);
 }

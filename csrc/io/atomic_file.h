@@ -3,7 +3,6 @@
 // beside it, and commit() fsyncs it, renames it over the name and fsyncs the directory.
 // Destroyed without commit() (an exception, a crash), it leaves the old file untouched.
 #include <cstddef>
-#include <cstdint>
 #include <cstdio>
 #include <string>
 
@@ -43,8 +42,6 @@ class AtomicDirectory {
 
   const std::string& path() const { return temp_; }
   void commit();
-  // The temporary directory the process `pid` uses for `dir` (other ranks write into it).
-  static std::string temporary_path(const std::string& dir, int64_t pid);
 
  private:
   std::string dir_, temp_;

@@ -126,11 +126,9 @@ ShardedReader::ShardedReader(const std::string& dir, const std::string& kind)
 
   // Every name in the files, with its layout: the tensor's own, or that of the parameter it
   // belongs to ("<param>.exp_avg"), or none (stored whole in rank 0's file).
-  std::map<std::string, bool> seen;
   for (const auto& file : files_) {
     for (const std::string& name : file->names()) {
-      if (seen[name]) continue;
-      seen[name] = true;
+      if (by_name_.count(name)) continue;
       auto entry = std::make_unique<Entry>();
       entry->name = name;
       auto it = layout.find(name);
@@ -141,10 +139,17 @@ ShardedReader::ShardedReader(const std::string& dir, const std::string& kind)
       } else {
         entry->pieces = it->second.pieces;
         entry->info.shape = it->second.shape;
-        entry->info.dtype = files_[entry->pieces.front().rank]->info(name).dtype;
+        if (entry->pieces.empty()) {
+          throw_input_error("{}: '{}' has no elements, but {} holds a piece of it", index_path_, name,
+                            file->path());
+        }
         for (const Piece& piece : entry->pieces) {
           const SafetensorsFile& file = *files_[piece.rank];
           if (!file.contains(name)) throw_input_error("{}: missing piece of '{}' (index: {})", file.path(), name, index_path_);
+        }
+        entry->info.dtype = files_[entry->pieces.front().rank]->info(name).dtype;
+        for (const Piece& piece : entry->pieces) {
+          const SafetensorsFile& file = *files_[piece.rank];
           const TensorInfo& info = file.info(name);
           if (info.dtype != entry->info.dtype || info.shape != std::vector<int64_t>{piece.numel}) {
             throw_input_error("{}: piece of '{}' is {} {}, the index expects {} [{}]", file.path(), name,
@@ -153,6 +158,7 @@ ShardedReader::ShardedReader(const std::string& dir, const std::string& kind)
           }
         }
       }
+      by_name_[name] = entry.get();
       entries_.push_back(std::move(entry));
     }
   }
@@ -161,10 +167,9 @@ ShardedReader::ShardedReader(const std::string& dir, const std::string& kind)
 ShardedReader::~ShardedReader() = default;
 
 const ShardedReader::Entry& ShardedReader::entry(const std::string& name) const {
-  for (const auto& entry : entries_) {
-    if (entry->name == name) return *entry;
-  }
-  throw_input_error("{}: no tensor '{}' in the checkpoint", index_path_, name);
+  const auto it = by_name_.find(name);
+  if (it == by_name_.end()) throw_input_error("{}: no tensor '{}' in the checkpoint", index_path_, name);
+  return *it->second;
 }
 
 std::vector<std::string> ShardedReader::names() const {
@@ -173,9 +178,7 @@ std::vector<std::string> ShardedReader::names() const {
   return result;
 }
 
-bool ShardedReader::contains(const std::string& name) const {
-  return std::any_of(entries_.begin(), entries_.end(), [&](const auto& entry) { return entry->name == name; });
-}
+bool ShardedReader::contains(const std::string& name) const { return by_name_.count(name) != 0; }
 
 const TensorInfo& ShardedReader::info(const std::string& name) const { return entry(name).info; }
 

@@ -8,14 +8,17 @@
 //                                                 "files": {"model": [...], "optimizer": [...]},
 //                                                 "tensors": {name: {"shape": [..],
 //                                                   "pieces": [[rank, offset, numel], ...]}}}
-//   model-rank-0000r-of-0000n.safetensors        rank r's 1-D pieces, each under its tensor's name
+//   model-rank-0000r-of-0000n.safetensors        shard r's 1-D pieces, each under its tensor's name
 //   optimizer-rank-0000r-of-0000n.safetensors    "<name>.exp_avg", "<name>.exp_avg_sq",
 //                                                "<name>.master" pieces (laid out as <name>), and
 //                                                "step" whole (read from rank 0's file)
 //
 // offset and numel count elements of the flattened (row-major) tensor; a tensor's pieces, in
-// order, cover it exactly.
+// order, cover it exactly. "rank" is the shard's index (an FSDP run's rank within its fsdp
+// group: replicas hold the same shards and only the first writes them), "ranks" the number
+// of shards.
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -63,7 +66,8 @@ class ShardedReader : public TensorReader {
   const Entry& entry(const std::string& name) const;
   std::string index_path_;
   std::vector<std::unique_ptr<SafetensorsFile>> files_;  // by rank
-  std::vector<std::unique_ptr<Entry>> entries_;
+  std::vector<std::unique_ptr<Entry>> entries_;  // in file order
+  std::map<std::string, const Entry*> by_name_;
 };
 
 // A checkpoint's weights: the Hugging Face layout (SafetensorsDir) or a sharded one.

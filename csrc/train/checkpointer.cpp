@@ -13,7 +13,6 @@
 
 #include "csrc/common/error.h"
 #include "csrc/io/atomic_file.h"
-#include "csrc/io/safetensors.h"
 
 namespace bpt::train {
 namespace fs = std::filesystem;
@@ -42,13 +41,10 @@ void Checkpointer::remove_dead_temporaries() const {
 
 void Checkpointer::save(const std::string& name, const TrainModule& module, const AdamW& optimizer,
                         const nlohmann::json& trainer_state) const {
-  // Rank 0 owns the temporary directory; the others learn its name (rank 0's pid) from an all-reduce.
+  // Rank 0 owns the temporary directory; the others write into it (a filesystem they share).
   std::optional<io::AtomicDirectory> dir;
-  const std::string target = (fs::path(output_dir_) / name).string();
-  if (world_.rank() == 0) dir.emplace(target);
-  at::Tensor pid = at::full({1}, world_.rank() == 0 ? static_cast<int64_t>(::getpid()) : 0, at::kLong);
-  world_.all_reduce(pid);
-  const std::string path = dir ? dir->path() : io::AtomicDirectory::temporary_path(target, pid.item<int64_t>());
+  if (world_.rank() == 0) dir.emplace((fs::path(output_dir_) / name).string());
+  const std::string path = world_.broadcast(dir ? dir->path() : "");
 
   module.save(path);
   if (save_optimizer_state_) module.save_optimizer(path, optimizer);
@@ -97,6 +93,5 @@ nlohmann::json Checkpointer::read_state(const std::string& dir) {
   }
   return state;
 }
-
 
 }  // namespace bpt::train

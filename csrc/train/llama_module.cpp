@@ -88,7 +88,9 @@ void LlamaModule::load(const std::string& dir) {
   }
   const auto checkpoint = io::open_weights(dir);
   io::read_llama_weights(model->config, *checkpoint, dir,
-                         [&](const std::string& name, const at::Tensor& whole) { fsdp_->assign(name, whole); });
+                         [&](const std::string& name, const at::Tensor& whole) {
+                           TORCH_CHECK(fsdp_->assign(name, whole), "LlamaModule::load: no sharded parameter ", name);
+                         });
 }
 
 void LlamaModule::save_optimizer(const std::string& dir, const AdamW& optimizer) const {

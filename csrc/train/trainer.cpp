@@ -7,6 +7,8 @@
 #include <chrono>
 #include <csignal>
 #include <fstream>
+#include <functional>
+#include <stdexcept>
 
 #include "csrc/common/error.h"
 #include "csrc/train/checkpointer.h"
@@ -112,9 +114,19 @@ FitResult Trainer::fit(TrainModule& module, data::DataLoader& train, data::DataL
 
   // Weights first: the optimizer takes its fp32 masters from the parameters it is given.
   FitResult result;
+  if (world_.size() > 1 && module.sharding() == nullptr) {
+    throw std::invalid_argument("Trainer: a module trained on several ranks must be sharded (its sharding() set): "
+                                "nothing else reduces its gradients across ranks");
+  }
   std::string resume_from = options_.resume_from;
   if (options_.autoresume) {
     if (const auto latest = checkpointer.latest()) resume_from = *latest;
+  }
+  // Every rank must start from the same checkpoint (a filesystem that is not shared alike
+  // would make them differ, and their steps with them).
+  if (!world_.all_equal({static_cast<double>(std::hash<std::string>{}(resume_from) % (1 << 30))})) {
+    throw_input_error("the ranks found different checkpoints to resume from (this rank: '{}'); is {} on a "
+                      "filesystem every rank shares?", resume_from, options_.output_dir);
   }
   nlohmann::json resumed;
   if (!resume_from.empty()) {

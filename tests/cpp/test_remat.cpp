@@ -53,3 +53,37 @@ TEST_CASE("checkpoint recomputes with the random state of the forward pass", "[r
   REQUIRE(bpt::train::parse_remat_policy("checkpoint_dots") == RematPolicy::CheckpointDots);
   REQUIRE_THROWS_WITH(bpt::train::parse_remat_policy("dots"), Catch::Contains("llama.remat_policy"));
 }
+
+TEST_CASE("checkpoint hooks run around the forward and around the recomputation and its backward", "[remat]") {
+  const at::Tensor w = at::randn({8}).requires_grad_();
+  std::vector<std::string> events;
+  const bpt::nn::TensorFn fn = [&](const std::vector<at::Tensor>& in) {
+    events.push_back(at::GradMode::is_enabled() ? "fn with grad" : "fn");
+    return std::vector<at::Tensor>{(in[0] * w).sin()};
+  };
+  bpt::nn::CheckpointHooks hooks;
+  hooks.before_forward = [&] { events.push_back("before_forward"); };
+  hooks.after_forward = [&] { events.push_back("after_forward"); };
+  hooks.before_recompute = [&] { events.push_back("before_recompute"); };
+  // By the time after_backward runs, the parameters inside fn have their gradients.
+  bool grad_set_by_then = false;
+  hooks.after_backward = [&] {
+    events.push_back("after_backward");
+    grad_set_by_then = w.grad().defined();
+  };
+  const at::Tensor x = at::randn({8}).requires_grad_();
+  bpt::nn::checkpoint(fn, {x}, hooks)[0].sum().backward();
+  const std::vector<std::string> with_grad = {"before_forward", "fn", "after_forward", "before_recompute",
+                                              "fn with grad", "after_backward"};
+  CHECK(events == with_grad);
+  CHECK(grad_set_by_then);
+  bpt::test::require_close(x.grad(), (x * w).cos() * w, 1e-6, 1e-7);
+
+  events.clear();  // without grad: fn between the forward hooks only
+  {
+    at::NoGradGuard no_grad;
+    bpt::nn::checkpoint(fn, {x}, hooks);
+  }
+  const std::vector<std::string> without_grad = {"before_forward", "fn", "after_forward"};
+  CHECK(events == without_grad);
+}
