@@ -4,6 +4,8 @@
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/autograd.h>
 
+#include <string_view>
+
 #include "csrc/nn/checkpoint.h"
 #include "csrc/train/remat.h"
 #include "helpers.h"
@@ -56,7 +58,7 @@ TEST_CASE("checkpoint recomputes with the random state of the forward pass", "[r
 
 TEST_CASE("checkpoint hooks run around the forward and around the recomputation and its backward", "[remat]") {
   const at::Tensor w = at::randn({8}).requires_grad_();
-  std::vector<std::string> events;
+  std::vector<std::string_view> events;  // literals only
   const bpt::nn::TensorFn fn = [&](const std::vector<at::Tensor>& in) {
     events.push_back(at::GradMode::is_enabled() ? "fn with grad" : "fn");
     return std::vector<at::Tensor>{(in[0] * w).sin()};
@@ -73,7 +75,7 @@ TEST_CASE("checkpoint hooks run around the forward and around the recomputation 
   };
   const at::Tensor x = at::randn({8}).requires_grad_();
   bpt::nn::checkpoint(fn, {x}, hooks)[0].sum().backward();
-  const std::vector<std::string> with_grad = {"before_forward", "fn", "after_forward", "before_recompute",
+  const std::vector<std::string_view> with_grad = {"before_forward", "fn", "after_forward", "before_recompute",
                                               "fn with grad", "after_backward"};
   CHECK(events == with_grad);
   CHECK(grad_set_by_then);
@@ -84,6 +86,6 @@ TEST_CASE("checkpoint hooks run around the forward and around the recomputation 
     at::NoGradGuard no_grad;
     bpt::nn::checkpoint(fn, {x}, hooks);
   }
-  const std::vector<std::string> without_grad = {"before_forward", "fn", "after_forward"};
+  const std::vector<std::string_view> without_grad = {"before_forward", "fn", "after_forward"};
   CHECK(events == without_grad);
 }
