@@ -5,8 +5,10 @@ Model: D=512, 8 layers, 8 heads, intermediate 1376, vocab 32000 (as train.py), f
 and a global batch of 2 rows (--quick: T=256, 4 layers). Every case is the same work: at
 world 2 each rank takes one of the two rows.
 
-- bpt-w1: bpt-train in one process (remat nothing_saveable, as below);
+- bpt-w1: bpt-train in one process (remat nothing_saveable: each layer recomputed in backward);
 - bpt-fsdp2: bpt-train under tools/launch --nproc 2 (its default mesh: shard over both ranks);
+- bpt-fsdp2-saveable: the same with remat everything_saveable: each layer stays gathered with
+  its activations until backward, nothing is recomputed (as the torch loops below);
 - torch-w1: an eager loop over transformers' LlamaForCausalLM (sdpa attention) and
   torch.optim.AdamW (lr 3e-4, betas 0.9/0.95, weight decay 0.1), gradients clipped to 1.0;
 - torch-fsdp2: the same loop at world 2 under torchrun, Gloo on CPU, the model wrapped with
@@ -20,12 +22,13 @@ from forward to optimizer step). step_peak_mb is rank 0's whole peak resident me
 (VmHWM: model, optimizer state, activations, and for torch the Python runtime); tokens_per_s
 is the global rate, B * T / step time.
 
-bpt's cases record state_mb, the parameters, gradients and optimizer state rank 0 holds
-(from its metrics.jsonl); bpt-fsdp2 also records comm_mb_per_step, the bytes rank 0 passed to all-gathers and
-reduce-scatters in a step (whole gathered buffers), and comm_theory_mb, FSDP's
-3 x the parameter bytes (gather for forward, gather again for backward, reduce-scatter the
-gradients). bpt gathers the root unit (embedding, final norm, head) once per step, not
-twice, so it passes somewhat less than that.
+bpt's cases record state_mb, the shards of parameters and gradients and the optimizer state
+rank 0 keeps between steps (from its metrics.jsonl); the bpt-fsdp2 cases also record
+comm_mb_per_step, the bytes of the buffers rank 0 handed to all-gathers and reduce-scatters
+in a step, and comm_theory_mb, FSDP's 3 x the parameter bytes (gather for forward, gather
+again for backward, reduce-scatter the gradients). bpt gathers the root unit (embedding,
+final norm, head) once per step, not twice, and a layer kept gathered (everything_saveable)
+once, so it passes less than that.
 
     .venv/bin/python tools/bench/fsdp.py [--quick] [--out FILE] [--set T=64,hidden_size=64,...]
 """
@@ -45,7 +48,7 @@ from common import REPO, main, peak_memory_mb  # noqa: E402
 PHASES = ("step",)
 MODEL = dict(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
              num_key_value_heads=8)
-IMPLS = ("bpt-w1", "bpt-fsdp2", "torch-w1", "torch-fsdp2")
+IMPLS = ("bpt-w1", "bpt-fsdp2", "bpt-fsdp2-saveable", "torch-w1", "torch-fsdp2")
 STEPS, WARMUP = 6, 2
 WORLD = 2
 THREADS = max(1, (os.cpu_count() or 1) // WORLD)  # per rank at world 2
@@ -81,13 +84,14 @@ def parameter_bytes(c) -> int:
 def run_bpt(p):
     config = model_config(p)
     update = ",".join(f"{k}={v}" for k, v in config.items())
+    remat = "everything_saveable" if p["impl"].endswith("-saveable") else "nothing_saveable"
     with tempfile.TemporaryDirectory() as out:
         args = ["--load_llama_config=tiny", f"--update_llama_config={update}", "--train_dataset.type=synthetic",
                 f"--train_dataset.json_dataset.seq_length={p['T']}",
                 f"--train_dataset.json_dataset.batch_size={p['B']}", f"--total_steps={STEPS}", "--log_freq=1",
                 "--dtype=float32", "--progress=never", f"--logger.output_dir={out}",
-                "--llama.remat_policy=nothing_saveable", "--peak_flops=1e12"]
-        if p["impl"] == "bpt-fsdp2":
+                f"--llama.remat_policy={remat}", "--peak_flops=1e12"]
+        if p["impl"].startswith("bpt-fsdp2"):
             cmd = [str(REPO / "tools" / "launch"), "--nproc", str(WORLD), "bpt-train", *args]
             env = {**os.environ, "OMP_NUM_THREADS": str(THREADS)}
         else:
@@ -97,7 +101,7 @@ def run_bpt(p):
     timed = [r for r in records if "tokens_per_s" in r][WARMUP:]
     ms = statistics.median(p["B"] * p["T"] / r["tokens_per_s"] * 1e3 for r in timed)
     extra = {"state_mb": timed[-1]["state_mb"]}
-    if p["impl"] == "bpt-fsdp2":
+    if p["impl"].startswith("bpt-fsdp2"):
         extra.update(comm_mb_per_step=statistics.median(r["comm_mb_per_step"] for r in timed),
                      comm_theory_mb=3 * parameter_bytes(config) / 1e6)
     return ms, max(r["peak_memory_mb"] for r in records), extra
