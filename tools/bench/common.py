@@ -61,6 +61,25 @@ def time_ms(fn, *, min_reps: int = 5, max_reps: int = 50, budget_s: float = 2.0,
     return statistics.median(times)
 
 
+def hf_training_ms(model, rows: int, T: int, steps: int, warmup: int, seed: int = 0) -> float:
+    """Median ms of a transformers causal LM's training step (random tokens of (rows, T); loss,
+    backward, clip_grad_norm_ 1.0, torch.optim.AdamW as llamabpt sets it) after `warmup` steps."""
+    import torch
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    tokens = torch.Generator().manual_seed(seed)
+    times = []
+    for _ in range(steps):
+        ids = torch.randint(0, model.config.vocab_size, (rows, T), generator=tokens)
+        start = time.perf_counter()
+        model(ids, labels=ids).loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times[warmup:])
+
+
 def machine() -> dict:
     import torch
 

@@ -39,11 +39,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, main, peak_memory_mb  # noqa: E402
+from common import REPO, hf_training_ms, main, peak_memory_mb  # noqa: E402
 
 PHASES = ("step",)
 MODEL = dict(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
@@ -113,24 +112,6 @@ def hf_model(p):
     return LlamaForCausalLM(LlamaConfig(**model_config(p), attn_implementation="sdpa"))
 
 
-def train_steps(model, rows: int, T: int, seed: int) -> float:
-    """Runs STEPS steps on random tokens of (rows, T); returns the median step ms after WARMUP."""
-    import torch
-
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
-    tokens = torch.Generator().manual_seed(seed)
-    times = []
-    for _ in range(STEPS):
-        ids = torch.randint(0, model.config.vocab_size, (rows, T), generator=tokens)
-        start = time.perf_counter()
-        model(ids, labels=ids).loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times[WARMUP:])
-
-
 def torch_worker(p, result: Path):
     """One rank of torch-fsdp2, under torchrun; rank 0 writes [step ms, peak MB] to result."""
     import torch
@@ -143,7 +124,7 @@ def torch_worker(p, result: Path):
     for layer in model.model.layers:
         fully_shard(layer)
     fully_shard(model)
-    ms = train_steps(model, p["B"] // dist.get_world_size(), p["T"], seed=1 + dist.get_rank())
+    ms = hf_training_ms(model, p["B"] // dist.get_world_size(), p["T"], STEPS, WARMUP, seed=1 + dist.get_rank())
     if dist.get_rank() == 0:
         result.write_text(json.dumps([ms, peak_memory_mb()]))
     dist.destroy_process_group()
@@ -151,7 +132,7 @@ def torch_worker(p, result: Path):
 
 def run_torch(p):
     if p["impl"] == "torch-w1":
-        return train_steps(hf_model(p), p["B"], p["T"], seed=1), peak_memory_mb()
+        return hf_training_ms(hf_model(p), p["B"], p["T"], STEPS, WARMUP, seed=1), peak_memory_mb()
     with tempfile.TemporaryDirectory() as out:
         result = Path(out) / "rank0.json"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD}",

@@ -19,11 +19,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, main  # noqa: E402
+from common import REPO, hf_training_ms, main  # noqa: E402
 
 PHASES = ("step",)
 MODEL = dict(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
@@ -77,17 +76,7 @@ def run_hf(p):
 
     attn = "eager" if p["impl"] == "hf-eager" else "sdpa"
     model = LlamaForCausalLM(LlamaConfig(**MODEL, attn_implementation=attn)).to(getattr(torch, p["dtype"]))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
-    times = []
-    for step in range(STEPS):
-        ids = torch.randint(0, MODEL["vocab_size"], (1, p["T"]))
-        start = time.perf_counter()
-        model(ids, labels=ids).loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times[WARMUP:]), peak_rss_mb()
+    return hf_training_ms(model, 1, p["T"], STEPS, WARMUP), peak_rss_mb()
 
 
 def run_phase(p, phase):
