@@ -102,4 +102,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> chunked_l
   return op.call(h, w_head, targets, chunk, ignore_index, z_loss, float32_logits);
 }
 
+at::Tensor bitlinear(const at::Tensor& x, const at::Tensor& weight) {
+  static const auto op = op_handle<at::Tensor(const at::Tensor&, const at::Tensor&)>("bpt::bitlinear");
+  return op.call(x, weight);
+}
+
+std::tuple<at::Tensor, at::Tensor> bitlinear_backward(const at::Tensor& grad_out, const at::Tensor& x,
+                                                      const at::Tensor& weight) {
+  static const auto op = op_handle<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                      const at::Tensor&)>("bpt::bitlinear_backward");
+  return op.call(grad_out, x, weight);
+}
+
+std::tuple<at::Tensor, at::Tensor> ternary_pack(const at::Tensor& weight) {
+  static const auto op = op_handle<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&)>("bpt::ternary_pack");
+  return op.call(weight);
+}
+
+at::Tensor ternary_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                          int64_t in_features) {
+  static const auto op = op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t)>(
+      "bpt::ternary_linear");
+  return op.call(x, packed, scale, in_features);
+}
+
 }  // namespace bpt::ops

@@ -61,4 +61,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> chunked_l
     const at::Tensor& h, const at::Tensor& w_head, const at::Tensor& targets, int64_t chunk, int64_t ignore_index,
     double z_loss, bool float32_logits);
 
+// BitNet b1.58 fake quantization (training): x [..., K] to int8 per token with the absmax
+// scale (x_q = clamp(round(x * 127 / max|x|), -128, 127)), weight [N, K] to ternary with the
+// absmean scale (w_q = clamp(round(w / mean|w|), -1, 1)), both dequantized:
+// -> (x_q * max|x| / 127) (w_q * mean|w|)^T, [..., N]. Gradients pass straight through both
+// quantizers: grad_x = grad_out . W_deq, grad_weight = grad_out^T . X_deq.
+at::Tensor bitlinear(const at::Tensor& x, const at::Tensor& weight);
+std::tuple<at::Tensor, at::Tensor> bitlinear_backward(const at::Tensor& grad_out, const at::Tensor& x,
+                                                      const at::Tensor& weight);
+
+// Offline quantization: weight [N, K] float -> (packed uint8 [N, ceil(K / 4)], scale fp32 [] =
+// mean|weight|): w_q = clamp(round(weight / scale), -1, 1) stored as w_q + 1 in 2 bits, element
+// k of a row in byte k / 4 at bits 2 (k % 4) and up; the padding of the last byte encodes 0.
+std::tuple<at::Tensor, at::Tensor> ternary_pack(const at::Tensor& weight);
+// Inference: x [..., in_features] float -> [..., N] in x's dtype: x quantized to int8 per token
+// as in bitlinear, int8 x ternary products summed in int32, scaled back. Equals bitlinear(x,
+// weight) up to float rounding.
+at::Tensor ternary_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                          int64_t in_features);
+
 }  // namespace bpt::ops

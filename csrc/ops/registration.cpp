@@ -31,4 +31,12 @@ TORCH_LIBRARY(bpt, m) {
       "chunked_lm_loss_with_grad(Tensor h, Tensor w_head, Tensor targets, *, int chunk, int ignore_index=-100, "
       "float z_loss=0.0, bool float32_logits=True) -> (Tensor loss, Tensor n_tokens, Tensor n_correct, "
       "Tensor grad_h, Tensor grad_w_head)");
+
+  // BitNet b1.58. Training: fake quantization, activations to int8 per token (absmax), weights
+  // to ternary (absmean), straight-through gradients. Inference: weights packed 2 bits per
+  // value (ternary_pack), int8 x ternary products summed in int32 (ternary_linear).
+  m.def("bitlinear(Tensor x, Tensor weight) -> Tensor");
+  m.def("bitlinear_backward(Tensor grad_out, Tensor x, Tensor weight) -> (Tensor grad_x, Tensor grad_weight)");
+  m.def("ternary_pack(Tensor weight) -> (Tensor packed, Tensor scale)");
+  m.def("ternary_linear(Tensor x, Tensor packed, Tensor scale, int in_features) -> Tensor");
 }
