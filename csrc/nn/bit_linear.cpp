@@ -1,0 +1,60 @@
+#include "csrc/nn/bit_linear.h"
+
+#include <ATen/ATen.h>
+
+#include "csrc/ops/ops.h"
+
+namespace bpt::nn {
+
+BitLinearImpl::BitLinearImpl(const BitLinearOptions& options_) : options(options_) { reset(); }
+
+void BitLinearImpl::reset() {
+  TORCH_CHECK(options.in_features() > 0 && options.out_features() > 0,
+              "BitLinear: in_features and out_features must be positive, got ", options.in_features(), " and ",
+              options.out_features());
+  weight = register_parameter("weight", at::empty({options.out_features(), options.in_features()}));
+  norm = register_module("norm", RMSNorm(RMSNormOptions(options.in_features()).eps(options.eps())));
+  weight_packed = weight_scale = at::Tensor();
+  reset_parameters();
+}
+
+void BitLinearImpl::reset_parameters(double std) {
+  at::NoGradGuard no_grad;
+  if (weight.defined()) weight.normal_(0.0, std);
+  norm->reset_parameters();
+}
+
+void BitLinearImpl::pretty_print(std::ostream& stream) const {
+  stream << "bpt::nn::BitLinear(in_features=" << options.in_features() << ", out_features=" << options.out_features()
+         << (quantized() ? ", ternary packed" : ", fake-quantized") << ")";
+}
+
+at::Tensor BitLinearImpl::forward(const at::Tensor& x) {
+  const at::Tensor h = norm(x);
+  if (quantized()) return ops::ternary_linear(h, weight_packed, weight_scale, options.in_features());
+  return ops::bitlinear(h, weight);
+}
+
+void BitLinearImpl::quantize() {
+  if (quantized()) return;
+  at::NoGradGuard no_grad;
+  auto [packed, scale] = ops::ternary_pack(weight);
+  load_quantized(packed, scale);
+}
+
+void BitLinearImpl::load_quantized(const at::Tensor& packed, const at::Tensor& scale) {
+  const int64_t bytes_per_row = (options.in_features() + 3) / 4;
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 2 && packed.size(0) == options.out_features() &&
+                  packed.size(1) == bytes_per_row,
+              "BitLinear: packed weights must be uint8 [", options.out_features(), ", ", bytes_per_row, "], got ",
+              packed.scalar_type(), " ", packed.sizes());
+  TORCH_CHECK(scale.numel() == 1 && scale.scalar_type() == at::kFloat,
+              "BitLinear: the weight scale must be one fp32 value, got ", scale.scalar_type(), " ", scale.sizes());
+  weight_packed = register_buffer("weight_packed", packed.contiguous());
+  weight_scale = register_buffer("weight_scale", scale.reshape({}).contiguous());
+  // The full-precision weights are gone: inference reads only the packed ones.
+  weight = at::Tensor();
+  parameters_.erase("weight");
+}
+
+}  // namespace bpt::nn

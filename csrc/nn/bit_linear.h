@@ -1,0 +1,56 @@
+#pragma once
+// BitNet b1.58's BitLinear: an RMSNorm of the input (BitNet's SubLN, part of the layer, so
+// the activation quantizer sees normalised values), then a linear map whose weights are
+// ternary and whose activations are int8 per token.
+//
+// Training (the default): bpt::bitlinear fake-quantizes both with straight-through
+// gradients; `weight` is the full-precision master (fp32, or the model's dtype).
+// Inference: quantize() packs the weights 2 bits per value (bpt::ternary_pack) and drops the
+// full-precision ones; forward then runs bpt::ternary_linear (int8 x ternary, int32 sums),
+// which equals the fake-quantized forward up to float rounding.
+//
+//   names: weight [out, in] (training), norm.weight [in]; after quantize(): the buffers
+//   weight_packed [out, ceil(in / 4)] uint8 and weight_scale [] fp32.
+
+#include <torch/arg.h>
+#include <torch/nn/cloneable.h>
+#include <torch/nn/pimpl.h>
+
+#include "csrc/nn/rms_norm.h"
+
+namespace bpt::nn {
+
+struct BitLinearOptions {
+  BitLinearOptions(int64_t in_features, int64_t out_features) : in_features_(in_features), out_features_(out_features) {}
+  TORCH_ARG(int64_t, in_features);
+  TORCH_ARG(int64_t, out_features);
+  TORCH_ARG(double, eps) = 1e-6;  // of the input RMSNorm
+};
+
+class BitLinearImpl : public torch::nn::Cloneable<BitLinearImpl> {
+ public:
+  explicit BitLinearImpl(const BitLinearOptions& options_);
+
+  void reset() override;
+  // weight ~ N(0, std), norm weight 1.
+  void reset_parameters(double std = 0.02);
+  void pretty_print(std::ostream& stream) const override;
+
+  // x [..., in] -> [..., out]
+  at::Tensor forward(const at::Tensor& x);
+
+  // Packs the weights for inference (no gradients from then on); idempotent.
+  void quantize();
+  // Sets packed weights directly (a quantized checkpoint); checks their shapes.
+  void load_quantized(const at::Tensor& packed, const at::Tensor& scale);
+  bool quantized() const { return weight_packed.defined(); }
+
+  BitLinearOptions options;
+  at::Tensor weight;                       // [out, in]; undefined once quantized
+  at::Tensor weight_packed, weight_scale;  // set once quantized
+  RMSNorm norm{nullptr};
+};
+
+TORCH_MODULE(BitLinear);
+
+}  // namespace bpt::nn
