@@ -1,8 +1,10 @@
 // bpt-convert: converts LLaMA checkpoints between Hugging Face's directory layout and bpt's
-// (the same safetensors with bpt's fields in config.json), changing dtype and shard size.
+// (the same safetensors with bpt's fields in config.json), changing dtype and shard size, and
+// quantizes bLLaMA checkpoints.
 //
 //   bpt-convert --input hf/Llama-2-7b --output ckpt/llama2-7b --dtype bfloat16
 //   bpt-convert --input ckpt/run/step-1000 --output export/hf --format hf
+//   bpt-convert --input runs/bllama/checkpoint --output ckpt/bllama-ternary --quantize ternary
 
 #include <cstdio>
 
@@ -14,7 +16,7 @@ namespace {
 
 int convert(int argc, char** argv) {
   CLI::App app{"Convert a LLaMA checkpoint between Hugging Face and bpt layouts", "bpt-convert"};
-  std::string input, output, format = "bpt", dtype, max_shard_size = "5GB";
+  std::string input, output, format = "bpt", dtype, max_shard_size = "5GB", quantize = "none";
   app.add_option("--input", input, "Source directory: config.json + model.safetensors (or shards + index)")
       ->required();
   app.add_option("--output", output, "Destination directory, replaced as a whole (atomically) if it exists")->required();
@@ -23,6 +25,11 @@ int convert(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--dtype", dtype, "Stored dtype: float32, bfloat16 or float16 (default: the source's)");
   app.add_option("--max_shard_size", max_shard_size, "Shard the weights past this size (e.g. 5GB, 500MB, 2GiB)")
+      ->capture_default_str();
+  app.add_option("--quantize", quantize,
+                 "ternary: pack a bLLaMA's BitLinear weights 2 bits per value (docs/bllama.md); the other tensors "
+                 "are stored in --dtype, bfloat16 by default")
+      ->check(CLI::IsMember({"none", "ternary"}))
       ->capture_default_str();
   app.footer("Any --llama.<field>=value (see bpt-generate --help) overrides a config field, e.g. chunk sizes.");
   if (const int code = bpt::app::parse(app, argc, argv); code >= 0) return code;
@@ -36,11 +43,25 @@ int convert(int argc, char** argv) {
   options.bpt_fields = format == "bpt";
   options.tokenizer_from = input;
 
+  if (quantize == "ternary" && !config.bitlinear) {
+    bpt::throw_input_error("--quantize ternary: {} is not a bLLaMA (its config.json has model_type 'llama'; "
+                           "BitLinear layers are what gets quantized)", input);
+  }
+  if (quantize == "ternary" && format == "hf") {
+    bpt::throw_input_error("--quantize ternary: a quantized bLLaMA is bpt's own format; use --format bpt");
+  }
   bpt::models::llama::LlamaForCausalLM model(config, /*init_weights=*/false);
   bpt::io::load_llama_weights(*model, input);
+  if (quantize == "ternary" && config.quantization == "none") {
+    model->quantize_bitlinear();
+    if (!options.dtype) options.dtype = at::kBFloat16;
+  }
   bpt::io::save_llama(*model, output, options);
   int64_t parameters = 0;
   for (const at::Tensor& parameter : model->parameters()) parameters += parameter.numel();
+  for (const auto& buffer : model->named_buffers()) {
+    if (buffer.key().ends_with(".weight_packed")) parameters += buffer.value().numel() * 4;  // 4 values a byte
+  }
   std::printf("bpt-convert: %s -> %s (%s, %s, %lld parameters)\n", input.c_str(), output.c_str(), format.c_str(),
               bpt::models::llama::dtype_string(options.dtype.value_or(config.dtype)).c_str(),
               static_cast<long long>(parameters));

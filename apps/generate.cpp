@@ -62,12 +62,16 @@ int generate(int argc, char** argv) {
   std::vector<std::string> prompts;
   bpt::generate::GenerateOptions options;
   bool use_cache = true, add_bos = true;
+  int64_t max_len = 0;
   options.sampling.top_k = 50;  // transformers' default
   app.add_option("--model", model_dir, "Checkpoint directory (Hugging Face or bpt layout)")->required();
   app.add_option("--tokenizer", tokenizer_path, "SentencePiece model (default: <model>/tokenizer.model)");
   app.add_option("--prompt", prompts, "A prompt; repeat the flag for several");
   app.add_option("--prompt_file", prompt_file, "A file of prompts, one per line");
   app.add_option("--max_new_tokens", options.max_new_tokens, "Tokens to generate per prompt")->capture_default_str();
+  app.add_option("--max_len", max_len,
+                 "Stop when prompt + generated tokens reach this many (bLLaMA's max_len; 0: --max_new_tokens only)")
+      ->capture_default_str();
   app.add_flag("--do_sample,!--greedy", options.sampling.do_sample, "Sample (default: greedy, the argmax)");
   app.add_option("--temperature", options.sampling.temperature, "Divide logits by this before sampling")
       ->capture_default_str();
@@ -106,10 +110,18 @@ int generate(int argc, char** argv) {
   bpt::models::llama::LlamaForCausalLM model(config, /*init_weights=*/false);
   bpt::io::load_llama_weights(*model, model_dir);
   model->eval();
+  if (const int64_t layers = model->unquantized_bitlinear_layers(); layers > 0) {
+    std::fprintf(stderr, "bpt-generate: warning: %lld BitLinear layers are not quantized: inference runs the "
+                 "fake-quantized full-precision weights (bpt-convert --quantize ternary packs them)\n",
+                 static_cast<long long>(layers));
+  }
   const auto decoder = bpt::generate::llama_decoder(model, use_cache);
 
   for (const std::string& prompt : prompts) {
     const std::vector<int64_t> prompt_ids = tokenizer.encode(prompt, add_bos);
+    if (max_len > 0) {
+      options.max_new_tokens = std::max<int64_t>(0, max_len - static_cast<int64_t>(prompt_ids.size()));
+    }
     TextStream stream(tokenizer, prompt_ids);
     if (output == "text") std::printf("%s", prompt.c_str());
     const auto start = std::chrono::steady_clock::now();

@@ -42,6 +42,12 @@ bpt::models::llama::LlamaConfig model_config(const bpt::train::TrainConfig& c) {
     }
   }
   config.dtype = bpt::models::llama::parse_dtype(c.dtype, "--dtype");
+  if (c.model != "llama" && c.model != "bllama") throw_input_error("--model: expected llama or bllama, got '{}'", c.model);
+  if (c.model == "bllama") config.bitlinear = true;
+  if (config.quantization != "none") {
+    throw_input_error("--load_llama_config: {} is a quantized bLLaMA (quantization = {}), which only runs inference; "
+                      "train from its full-precision checkpoint", source, config.quantization);
+  }
   config.validate();
   return config;
 }

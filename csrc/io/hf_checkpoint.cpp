@@ -5,6 +5,7 @@
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <map>
 #include <set>
 
 #include "csrc/common/error.h"
@@ -16,6 +17,18 @@
 namespace bpt::io {
 namespace fs = std::filesystem;
 using models::llama::LlamaConfig;
+
+namespace {
+
+// The model's parameters and buffers (packed ternary weights are buffers), by name.
+std::map<std::string, at::Tensor> model_tensors(const models::llama::LlamaForCausalLMImpl& model) {
+  std::map<std::string, at::Tensor> tensors;
+  for (const auto& item : model.named_parameters()) tensors[item.key()] = item.value();
+  for (const auto& item : model.named_buffers()) tensors[item.key()] = item.value();
+  return tensors;
+}
+
+}  // namespace
 
 LlamaConfig read_llama_config(const std::string& dir) {
   const std::string path = (fs::path(dir) / "config.json").string();
@@ -44,9 +57,9 @@ void read_llama_weights(const LlamaConfig& config, const TensorReader& checkpoin
                         config.vocab_size, config.hidden_size, config.intermediate_size, config.num_attention_heads,
                         config.num_key_value_heads);
     }
-    if (!at::isFloatingType(info.dtype)) {
-      throw_input_error("{}: tensor '{}' is {}, expected a float type (F32, BF16, F16)", checkpoint.where(hf), hf,
-                        dtype_name(info.dtype));
+    if (hf.ends_with(".weight_packed") ? info.dtype != at::kByte : !at::isFloatingType(info.dtype)) {
+      throw_input_error("{}: tensor '{}' is {}, expected {}", checkpoint.where(hf), hf, dtype_name(info.dtype),
+                        hf.ends_with(".weight_packed") ? "U8 (packed ternary weights)" : "a float type (F32, BF16, F16)");
     }
     use(models::llama::bpt_name(hf), checkpoint.tensor(hf));
     used.insert(hf);
@@ -62,10 +75,10 @@ void read_llama_weights(const LlamaConfig& config, const TensorReader& checkpoin
 
 void load_llama_weights(models::llama::LlamaForCausalLMImpl& model, const std::string& dir) {
   const auto checkpoint = open_weights(dir);
-  auto parameters = model.named_parameters();
+  auto tensors = model_tensors(model);
   at::NoGradGuard no_grad;
   read_llama_weights(model.config, *checkpoint, dir,
-                     [&](const std::string& name, const at::Tensor& tensor) { parameters[name].copy_(tensor); });
+                     [&](const std::string& name, const at::Tensor& tensor) { tensors.at(name).copy_(tensor); });
 }
 
 void save_llama(const models::llama::LlamaForCausalLMImpl& model, const std::string& dir,
@@ -79,9 +92,13 @@ void write_llama(const models::llama::LlamaForCausalLMImpl& model, const std::st
                  const SaveOptions& options) {
   LlamaConfig config = model.config;
   if (options.dtype) config.dtype = *options.dtype;
+  const auto held = model_tensors(model);
   NamedTensors tensors;
-  for (const auto& item : model.named_parameters()) {
-    tensors.emplace_back(models::llama::hf_name(item.key()), item.value().detach().to(at::kCPU, config.dtype));
+  for (const auto& [name, shape] : models::llama::hf_tensor_shapes(config)) {
+    const at::Tensor& tensor = held.at(models::llama::bpt_name(name)).detach();
+    // Packed ternary weights and their scales keep their own dtypes.
+    const bool packed = name.ends_with(".weight_packed") || name.ends_with(".weight_scale");
+    tensors.emplace_back(name, packed ? tensor.cpu() : tensor.to(at::kCPU, config.dtype));
   }
   save_safetensors_dir(dir, tensors, options.max_shard_bytes, {{"format", "pt"}});
   write_llama_config(config, dir, options.bpt_fields);

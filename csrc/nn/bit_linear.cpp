@@ -57,4 +57,21 @@ void BitLinearImpl::load_quantized(const at::Tensor& packed, const at::Tensor& s
   parameters_.erase("weight");
 }
 
+BitFeedForwardImpl::BitFeedForwardImpl(int64_t dim_, int64_t hidden_dim_, double eps_)
+    : dim(dim_), hidden_dim(hidden_dim_), eps(eps_) {
+  reset();
+}
+
+void BitFeedForwardImpl::reset() {
+  gate_proj = register_module("gate_proj", BitLinear(BitLinearOptions(dim, hidden_dim).eps(eps)));
+  up_proj = register_module("up_proj", BitLinear(BitLinearOptions(dim, hidden_dim).eps(eps)));
+  down_proj = register_module("down_proj", BitLinear(BitLinearOptions(hidden_dim, dim).eps(eps)));
+}
+
+void BitFeedForwardImpl::pretty_print(std::ostream& stream) const {
+  stream << "bpt::nn::BitFeedForward(dim=" << dim << ", hidden_dim=" << hidden_dim << ")";
+}
+
+at::Tensor BitFeedForwardImpl::forward(const at::Tensor& x) { return down_proj(at::silu(gate_proj(x)) * up_proj(x)); }
+
 }  // namespace bpt::nn

@@ -53,4 +53,22 @@ class BitLinearImpl : public torch::nn::Cloneable<BitLinearImpl> {
 
 TORCH_MODULE(BitLinear);
 
+// LLaMA's SwiGLU MLP with BitLinear layers: down(silu(gate(x)) * up(x)), each BitLinear
+// normalising and quantizing its own input. Submodules named as Hugging Face's.
+class BitFeedForwardImpl : public torch::nn::Cloneable<BitFeedForwardImpl> {
+ public:
+  BitFeedForwardImpl(int64_t dim, int64_t hidden_dim, double eps = 1e-6);
+  void reset() override;
+  void pretty_print(std::ostream& stream) const override;
+
+  // x [..., dim] -> [..., dim]
+  at::Tensor forward(const at::Tensor& x);
+
+  int64_t dim, hidden_dim;
+  double eps;
+  BitLinear gate_proj{nullptr}, up_proj{nullptr}, down_proj{nullptr};
+};
+
+TORCH_MODULE(BitFeedForward);
+
 }  // namespace bpt::nn

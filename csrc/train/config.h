@@ -23,6 +23,7 @@ struct DatasetConfig {
 };
 
 struct TrainConfig {
+  std::string model = "llama";              // llama, or bllama (BitLinear layers: models/bllama)
   std::string load_llama_config = "tiny";  // a preset, or a directory holding config.json
   std::string update_llama_config;          // "field=value,..."
   std::vector<std::pair<std::string, std::string>> llama_overrides;  // --llama.<field>, in order

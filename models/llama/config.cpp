@@ -3,6 +3,7 @@
 #include <c10/util/Exception.h>
 
 #include <functional>
+#include <string_view>
 #include <nlohmann/json.hpp>
 
 #include "csrc/common/error.h"
@@ -92,6 +93,9 @@ const std::vector<Field>& field_table() {
       BPT_BOOL_FIELD(scan_layers),
       Field{"dtype", [](const LlamaConfig& c) { return dtype_string(c.dtype); },
             [](LlamaConfig& c, const std::string& v) { c.dtype = parse_dtype(v, "dtype"); }},
+      BPT_BOOL_FIELD(bitlinear),
+      Field{"quantization", [](const LlamaConfig& c) { return c.quantization; },
+            [](LlamaConfig& c, const std::string& v) { c.quantization = v; }},
   };
   return table;
 }
@@ -149,6 +153,12 @@ void LlamaConfig::validate() const {
   }
   for (const int64_t id : eos_token_ids) {
     if (id < 0 || id >= vocab_size) throw_input_error("eos_token_ids: {} is outside the vocabulary [0, {})", id, vocab_size);
+  }
+  if (quantization != "none" && quantization != "ternary") {
+    throw_input_error("quantization: expected none or ternary, got '{}'", quantization);
+  }
+  if (quantization != "none" && !bitlinear) {
+    throw_input_error("quantization: {} applies to BitLinear layers only (bitlinear = false)", quantization);
   }
   if (bos_token_id >= vocab_size) {
     throw_input_error("bos_token_id: {} is outside the vocabulary [0, {})", bos_token_id, vocab_size);
@@ -215,6 +225,8 @@ LlamaConfig preset(const std::string& name) {
       {"llama2-13b", 32000, 5120, 13824, 40, 40, 40, 4096, 1e-5, 10000},
       {"llama2-70b", 32000, 8192, 28672, 80, 64, 8, 4096, 1e-5, 10000},
       {"llama3-8b", 128256, 4096, 14336, 32, 32, 8, 8192, 1e-5, 500000},
+      {"bllama-1.7b", 32000, 2048, 8192, 24, 32, 32, 2048, 1e-6, 10000},
+      {"bllama-tiny", 256, 64, 160, 2, 4, 2, 512, 1e-6, 10000},
   };
   for (const Size& size : sizes) {
     if (name != size.name) continue;
@@ -232,6 +244,7 @@ LlamaConfig preset(const std::string& name) {
       config.bos_token_id = 128000;
       config.eos_token_ids = {128001};
     }
+    config.bitlinear = std::string_view(name).starts_with("bllama-");
     return config;
   }
   throw InputError(unknown_name_message("llama config preset", name, preset_names()) +
@@ -239,7 +252,8 @@ LlamaConfig preset(const std::string& name) {
 }
 
 std::vector<std::string> preset_names() {
-  return {"tiny", "1b", "3b", "7b", "13b", "30b", "65b", "llama2-7b", "llama2-13b", "llama2-70b", "llama3-8b"};
+  return {"tiny",       "1b",         "3b",        "7b",          "13b",        "30b", "65b",
+          "llama2-7b",  "llama2-13b", "llama2-70b", "llama3-8b", "bllama-1.7b", "bllama-tiny"};
 }
 
 c10::ScalarType parse_dtype(const std::string& text, const std::string& field) {
@@ -290,7 +304,9 @@ void read_rope(const json& rope, LlamaConfig& config, const std::string& where) 
 LlamaConfig from_hf_json(const json& hf, const std::string& where) {
   if (!hf.is_object()) throw_input_error("{}: expected a JSON object", where);
   const std::string model_type = get_or(hf, "model_type", std::string("llama"), where);
-  if (model_type != "llama") throw_input_error("{}: model_type is '{}', expected 'llama'", where, model_type);
+  if (model_type != "llama" && model_type != "bllama") {
+    throw_input_error("{}: model_type is '{}', expected 'llama' (or bpt's 'bllama')", where, model_type);
+  }
   if (get_or(hf, "attention_bias", false, where) || get_or(hf, "mlp_bias", false, where)) {
     throw_input_error("{}: attention_bias / mlp_bias = true is not supported (LLaMA has no biases)", where);
   }
@@ -298,6 +314,7 @@ LlamaConfig from_hf_json(const json& hf, const std::string& where) {
   if (act != "silu") throw_input_error("{}: hidden_act is '{}', expected 'silu' (SwiGLU)", where, act);
 
   LlamaConfig config;
+  config.bitlinear = model_type == "bllama";
   config.vocab_size = get_or(hf, "vocab_size", config.vocab_size, where);
   config.hidden_size = get_or(hf, "hidden_size", config.hidden_size, where);
   config.intermediate_size = get_or(hf, "intermediate_size", config.intermediate_size, where);
@@ -360,9 +377,11 @@ json to_hf_json(const LlamaConfig& c) {
     rope["high_freq_factor"] = c.rope_scaling.high_freq_factor();
     rope["original_max_position_embeddings"] = c.rope_scaling.original_max_position_embeddings();
   }
+  // A bLLaMA checkpoint is bpt's own: its extra norms and packed weights are nothing
+  // transformers' LlamaForCausalLM could load, so it does not claim to be one.
   json hf = {
-      {"architectures", {"LlamaForCausalLM"}},
-      {"model_type", "llama"},
+      {"architectures", {c.bitlinear ? "BllamaForCausalLM" : "LlamaForCausalLM"}},
+      {"model_type", c.bitlinear ? "bllama" : "llama"},
       {"vocab_size", c.vocab_size},
       {"hidden_size", c.hidden_size},
       {"intermediate_size", c.intermediate_size},
@@ -393,6 +412,7 @@ json to_hf_json(const LlamaConfig& c) {
       {"head_chunk_size", c.head_chunk_size}, {"float32_logits", c.float32_logits},
       {"remat_policy", c.remat_policy},       {"scan_layers", c.scan_layers},
   };
+  if (c.bitlinear) hf["bpt"]["quantization"] = c.quantization;
   return hf;
 }
 

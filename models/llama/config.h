@@ -49,6 +49,13 @@ struct LlamaConfig {
   // Parameter and compute dtype: float32, bfloat16 or float16.
   c10::ScalarType dtype = c10::ScalarType::Float;
 
+  // bLLaMA (BitNet b1.58, models/bllama): every linear of attention and MLP is a BitLinear
+  // (ternary weights, int8 activations, an RMSNorm of its own input); the layers then have no
+  // input_layernorm / post_attention_layernorm, which BitLinear's own norms replace.
+  bool bitlinear = false;
+  // "none", or "ternary": the BitLinear weights are packed 2 bits per value (inference only).
+  std::string quantization = "none";
+
   int64_t resolved_head_dim() const { return head_dim > 0 ? head_dim : hidden_size / num_attention_heads; }
 
   // Throws InputError naming the first inconsistent field.
@@ -65,7 +72,8 @@ struct LlamaConfig {
 };
 
 // Named presets: "tiny" (tests), llamabpt's "1b", "3b", "7b", "13b", "30b", "65b",
-// "llama2-7b", "llama2-13b", "llama2-70b" (GQA) and "llama3-8b". Throws InputError otherwise.
+// "llama2-7b", "llama2-13b", "llama2-70b" (GQA) and "llama3-8b"; bLLaMA's "bllama-1.7b" (the
+// seed's default size) and "bllama-tiny". Throws InputError otherwise.
 LlamaConfig preset(const std::string& name);
 std::vector<std::string> preset_names();
 

@@ -11,15 +11,27 @@ std::vector<std::pair<std::string, std::vector<int64_t>>> hf_tensor_shapes(const
   const int64_t C = c.hidden_size, D = c.resolved_head_dim(), I = c.intermediate_size;
   const int64_t q = c.num_attention_heads * D, kv = c.num_key_value_heads * D;
   std::vector<std::pair<std::string, std::vector<int64_t>>> shapes = {{"model.embed_tokens.weight", {c.vocab_size, C}}};
+  // A linear's tensors: its weight; for bLLaMA also its input norm, and once quantized the
+  // packed weight and its scale instead of the weight (models/bllama).
+  const auto linear = [&](const std::string& name, int64_t out, int64_t in) {
+    if (c.quantization == "ternary") {
+      shapes.push_back({name + ".weight_packed", {out, (in + 3) / 4}});
+      shapes.push_back({name + ".weight_scale", {}});
+    } else {
+      shapes.push_back({name + ".weight", {out, in}});
+    }
+    if (c.bitlinear) shapes.push_back({name + ".norm.weight", {in}});
+  };
   for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
     const std::string layer = fmt::format("model.layers.{}.", i);
-    shapes.push_back({layer + "self_attn.q_proj.weight", {q, C}});
-    shapes.push_back({layer + "self_attn.k_proj.weight", {kv, C}});
-    shapes.push_back({layer + "self_attn.v_proj.weight", {kv, C}});
-    shapes.push_back({layer + "self_attn.o_proj.weight", {C, q}});
-    shapes.push_back({layer + "mlp.gate_proj.weight", {I, C}});
-    shapes.push_back({layer + "mlp.up_proj.weight", {I, C}});
-    shapes.push_back({layer + "mlp.down_proj.weight", {C, I}});
+    linear(layer + "self_attn.q_proj", q, C);
+    linear(layer + "self_attn.k_proj", kv, C);
+    linear(layer + "self_attn.v_proj", kv, C);
+    linear(layer + "self_attn.o_proj", C, q);
+    linear(layer + "mlp.gate_proj", I, C);
+    linear(layer + "mlp.up_proj", I, C);
+    linear(layer + "mlp.down_proj", C, I);
+    if (c.bitlinear) continue;
     shapes.push_back({layer + "input_layernorm.weight", {C}});
     shapes.push_back({layer + "post_attention_layernorm.weight", {C}});
   }

@@ -13,6 +13,10 @@
 //   model.layers.{i}.{input,post_attention}_layernorm.weight   [hidden]
 //   model.norm.weight                                  [hidden]
 //   lm_head.weight                                     [vocab, hidden]  (absent when tied)
+//
+// bLLaMA (bitlinear): no layer norms; each linear `x` above also has x.norm.weight [in];
+// quantized (ternary), x.weight becomes x.weight_packed [out, ceil(in / 4)] uint8 and
+// x.weight_scale [] fp32.
 #include <cstdint>
 #include <string>
 #include <utility>

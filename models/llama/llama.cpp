@@ -8,7 +8,13 @@
 namespace bpt::models::llama {
 namespace {
 
-torch::nn::LinearOptions linear(int64_t in, int64_t out) { return torch::nn::LinearOptions(in, out).bias(false); }
+// A projection without bias: torch::nn::Linear, or BitLinear in a bLLaMA.
+torch::nn::AnyModule projection(const LlamaConfig& config, int64_t in, int64_t out) {
+  if (config.bitlinear) return torch::nn::AnyModule(nn::BitLinear(nn::BitLinearOptions(in, out).eps(config.rms_norm_eps)));
+  return torch::nn::AnyModule(torch::nn::Linear(torch::nn::LinearOptions(in, out).bias(false)));
+}
+
+at::Tensor run(torch::nn::AnyModule& module, const at::Tensor& x) { return module.forward<at::Tensor>(x); }
 
 }  // namespace
 
@@ -27,10 +33,12 @@ LlamaAttentionImpl::LlamaAttentionImpl(const LlamaConfig& config_) : config(conf
 
 void LlamaAttentionImpl::reset() {
   const int64_t C = config.hidden_size, D = config.resolved_head_dim();
-  q_proj = register_module("q_proj", torch::nn::Linear(linear(C, config.num_attention_heads * D)));
-  k_proj = register_module("k_proj", torch::nn::Linear(linear(C, config.num_key_value_heads * D)));
-  v_proj = register_module("v_proj", torch::nn::Linear(linear(C, config.num_key_value_heads * D)));
-  o_proj = register_module("o_proj", torch::nn::Linear(linear(config.num_attention_heads * D, C)));
+  const int64_t H = config.num_attention_heads, Hkv = config.num_key_value_heads;
+  for (auto& [name, module, in, out] : {std::tuple{"q_proj", &q_proj, C, H * D}, std::tuple{"k_proj", &k_proj, C, Hkv * D},
+                                        std::tuple{"v_proj", &v_proj, C, Hkv * D}, std::tuple{"o_proj", &o_proj, H * D, C}}) {
+    *module = projection(config, in, out);
+    register_module(name, module->ptr());
+  }
   attention = register_module("attention", nn::BlockwiseAttention(nn::BlockwiseAttentionOptions()
                                                                        .causal(true)
                                                                        .q_chunk(config.q_chunk_size)
@@ -40,9 +48,9 @@ void LlamaAttentionImpl::reset() {
 at::Tensor LlamaAttentionImpl::forward(const at::Tensor& x, const LayerInputs& inputs, int64_t layer) {
   const int64_t B = x.size(0), T = x.size(1), D = config.resolved_head_dim();
   const int64_t H = config.num_attention_heads, Hkv = config.num_key_value_heads;
-  const at::Tensor q = ops::rotary(q_proj(x).view({B, T, H, D}).transpose(1, 2), inputs.cos, inputs.sin);
-  at::Tensor k = ops::rotary(k_proj(x).view({B, T, Hkv, D}).transpose(1, 2), inputs.cos, inputs.sin);
-  at::Tensor v = v_proj(x).view({B, T, Hkv, D}).transpose(1, 2);
+  const at::Tensor q = ops::rotary(run(q_proj, x).view({B, T, H, D}).transpose(1, 2), inputs.cos, inputs.sin);
+  at::Tensor k = ops::rotary(run(k_proj, x).view({B, T, Hkv, D}).transpose(1, 2), inputs.cos, inputs.sin);
+  at::Tensor v = run(v_proj, x).view({B, T, Hkv, D}).transpose(1, 2);
   int64_t kv_offset = 0;
   if (KVCache* cache = inputs.cache) {
     // Append this step's keys and values; attend over everything cached so far.
@@ -53,7 +61,7 @@ at::Tensor LlamaAttentionImpl::forward(const at::Tensor& x, const LayerInputs& i
     v = cache->values[layer].narrow(2, 0, kv_offset + T);
   }
   const at::Tensor out = attention(q, k, v, inputs.segment_ids, kv_offset);  // [B, H, T, D]
-  return o_proj(out.transpose(1, 2).reshape({B, T, H * D}));
+  return run(o_proj, out.transpose(1, 2).reshape({B, T, H * D}));
 }
 
 // ---- decoder layer
@@ -67,8 +75,14 @@ void LlamaDecoderLayerImpl::reset() {
   // Registered in Hugging Face's order, so parameters() lists them as its named_parameters().
   const int64_t C = config.hidden_size;
   self_attn = register_module("self_attn", LlamaAttention(config));
-  mlp = register_module("mlp", nn::BlockwiseFeedForward(nn::BlockwiseFeedForwardOptions(C, config.intermediate_size)
-                                                            .chunk(config.ffn_chunk_size)));
+  if (config.bitlinear) {
+    mlp = torch::nn::AnyModule(nn::BitFeedForward(C, config.intermediate_size, config.rms_norm_eps));
+  } else {
+    mlp = torch::nn::AnyModule(nn::BlockwiseFeedForward(
+        nn::BlockwiseFeedForwardOptions(C, config.intermediate_size).chunk(config.ffn_chunk_size)));
+  }
+  register_module("mlp", mlp.ptr());
+  if (config.bitlinear) return;  // each BitLinear normalises its own input
   input_layernorm = register_module("input_layernorm", nn::RMSNorm(nn::RMSNormOptions(C).eps(config.rms_norm_eps)));
   post_attention_layernorm =
       register_module("post_attention_layernorm", nn::RMSNorm(nn::RMSNormOptions(C).eps(config.rms_norm_eps)));
@@ -79,10 +93,12 @@ at::Tensor LlamaDecoderLayerImpl::forward(const at::Tensor& h, const LayerInputs
 }
 
 at::Tensor LlamaDecoderLayerImpl::attention_block(const at::Tensor& h, const LayerInputs& inputs) {
-  return h + self_attn(input_layernorm(h), inputs, index);
+  return h + self_attn(input_layernorm ? input_layernorm(h) : h, inputs, index);
 }
 
-at::Tensor LlamaDecoderLayerImpl::mlp_block(const at::Tensor& h) { return h + mlp(post_attention_layernorm(h)); }
+at::Tensor LlamaDecoderLayerImpl::mlp_block(const at::Tensor& h) {
+  return h + run(mlp, post_attention_layernorm ? post_attention_layernorm(h) : h);
+}
 
 // ---- model
 
@@ -180,7 +196,33 @@ void LlamaForCausalLMImpl::reset() {
                                                                  .chunk(config.loss_chunk_size)
                                                                  .float32_logits(config.float32_logits)));
   if (config.tie_word_embeddings) lm_head->tie(model->embed_tokens->weight);
+  if (config.quantization == "ternary") {
+    // A quantized checkpoint's layout: packed weights (zero until a loader fills them).
+    for (const auto& module : modules()) {
+      if (auto* bit = module->as<nn::BitLinear>()) {
+        const int64_t in = bit->options.in_features(), out = bit->options.out_features();
+        bit->load_quantized(at::zeros({out, (in + 3) / 4}, at::kByte), at::ones({}, at::kFloat));
+      }
+    }
+  }
   if (init_weights) reset_parameters();
+}
+
+void LlamaForCausalLMImpl::quantize_bitlinear() {
+  TORCH_CHECK(config.bitlinear, "quantize_bitlinear: this LLaMA has no BitLinear layers (config.bitlinear is false)");
+  for (const auto& module : modules()) {
+    if (auto* bit = module->as<nn::BitLinear>()) bit->quantize();
+  }
+  config.quantization = "ternary";
+}
+
+int64_t LlamaForCausalLMImpl::unquantized_bitlinear_layers() const {
+  int64_t count = 0;
+  for (const auto& module : modules()) {
+    const auto* bit = module->as<nn::BitLinear>();
+    count += bit != nullptr && !bit->quantized();
+  }
+  return count;
 }
 
 void LlamaForCausalLMImpl::reset_parameters() {

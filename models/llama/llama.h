@@ -9,8 +9,12 @@
 //
 // Packed sequences: segment_ids [B, T] keep attention inside each document and restart the
 // position ids at each document's first token. The model knows nothing of parallelism or I/O.
+//
+// With config.bitlinear (bLLaMA, models/bllama) every projection and MLP linear is an
+// nn::BitLinear and the layers have no input_layernorm / post_attention_layernorm.
 #include <ATen/core/Tensor.h>
 #include <torch/nn/cloneable.h>
+#include <torch/nn/modules/container/any.h>
 #include <torch/nn/modules/container/modulelist.h>
 #include <torch/nn/modules/embedding.h>
 #include <torch/nn/modules/linear.h>
@@ -20,6 +24,7 @@
 #include <optional>
 #include <vector>
 
+#include "csrc/nn/bit_linear.h"
 #include "csrc/nn/blockwise_attention.h"
 #include "csrc/nn/blockwise_feed_forward.h"
 #include "csrc/nn/chunked_lm_head_loss.h"
@@ -54,7 +59,8 @@ class LlamaAttentionImpl : public torch::nn::Cloneable<LlamaAttentionImpl> {
   at::Tensor forward(const at::Tensor& x, const LayerInputs& inputs, int64_t layer);
 
   LlamaConfig config;
-  torch::nn::Linear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, o_proj{nullptr};
+  // torch::nn::Linear, or nn::BitLinear for bLLaMA.
+  torch::nn::AnyModule q_proj, k_proj, v_proj, o_proj;
   nn::BlockwiseAttention attention{nullptr};
 };
 TORCH_MODULE(LlamaAttention);
@@ -72,9 +78,9 @@ class LlamaDecoderLayerImpl : public torch::nn::Cloneable<LlamaDecoderLayerImpl>
 
   LlamaConfig config;
   int64_t index;
-  nn::RMSNorm input_layernorm{nullptr}, post_attention_layernorm{nullptr};
+  nn::RMSNorm input_layernorm{nullptr}, post_attention_layernorm{nullptr};  // null for bLLaMA
   LlamaAttention self_attn{nullptr};
-  nn::BlockwiseFeedForward mlp{nullptr};
+  torch::nn::AnyModule mlp;  // nn::BlockwiseFeedForward, or nn::BitFeedForward for bLLaMA
 };
 TORCH_MODULE(LlamaDecoderLayer);
 
@@ -125,6 +131,12 @@ class LlamaForCausalLMImpl : public torch::nn::Cloneable<LlamaForCausalLMImpl> {
 
   // An empty cache for `batch` sequences of up to `capacity` tokens, in the model's dtype.
   KVCache make_cache(int64_t batch, int64_t capacity) const;
+
+  // bLLaMA: packs every BitLinear's weights 2 bits per value (inference only from then on:
+  // the full-precision weights are dropped) and sets config.quantization to "ternary".
+  void quantize_bitlinear();
+  // The BitLinear layers still in full precision (0 for a LLaMA or a quantized bLLaMA).
+  int64_t unquantized_bitlinear_layers() const;
 
   LlamaConfig config;
   bool init_weights;

@@ -16,7 +16,7 @@ TEST_CASE("BitLinear is the input RMSNorm followed by the fake-quantized linear"
   BitLinear layer(BitLinearOptions(37, 11));
   std::vector<std::string> names;
   for (const auto& item : layer->named_parameters()) names.push_back(item.key());
-  CHECK(names == std::vector<std::string>{"weight", "norm.weight"});
+  CHECK((names == std::vector<std::string>{"weight", "norm.weight"}));
   {
     at::NoGradGuard no_grad;
     layer->norm->weight.uniform_(0.5, 1.5);
