@@ -19,7 +19,7 @@ help:
 	@echo "make setup  - install Debian packages and the Python venv (.venv)"
 	@echo "make build  - configure and build (Release) into $(BUILD_DIR)/"
 	@echo "make bench  - run every tools/bench/*.py and print the table"
-	@echo "make check-cuda - compile csrc/dist with NCCL against the CUDA torch (no GPU needed; makes .venv-cuda)"
+	@echo "make check-cuda - compile csrc/dist (NCCL) and the CUDA kernels against the CUDA torch (no GPU needed; makes .venv-cuda)"
 	@echo "make clean  - remove $(BUILD_DIR)/"
 
 setup:

@@ -64,14 +64,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> chunked_l
 // BitNet b1.58 fake quantization (training): x [..., K] to int8 per token with the absmax
 // scale (x_q = clamp(round(x * 127 / max|x|), -128, 127)), weight [N, K] to ternary with the
 // absmean scale (w_q = clamp(round(w / mean|w|), -1, 1)), both dequantized:
-// -> (x_q * max|x| / 127) (w_q * mean|w|)^T, [..., N]. Gradients pass straight through both
+// -> (x_q * max|x| / 127) (w_q * mean|w|)^T, [..., N], computed as (x_q w_q^T) (s_w / s_x) so that
+// it equals ternary_linear bit for bit in fp32. Gradients pass straight through both
 // quantizers: grad_x = grad_out . W_deq, grad_weight = grad_out^T . X_deq.
 at::Tensor bitlinear(const at::Tensor& x, const at::Tensor& weight);
 std::tuple<at::Tensor, at::Tensor> bitlinear_backward(const at::Tensor& grad_out, const at::Tensor& x,
                                                       const at::Tensor& weight);
 
 // Offline quantization: weight [N, K] float -> (packed uint8 [N, ceil(K / 4)], scale fp32 [] =
-// mean|weight|): w_q = clamp(round(weight / scale), -1, 1) stored as w_q + 1 in 2 bits, element
+// max(mean|weight|, 1e-5)): w_q = clamp(round(weight / scale), -1, 1) stored as w_q + 1 in 2 bits, element
 // k of a row in byte k / 4 at bits 2 (k % 4) and up; the padding of the last byte encodes 0.
 std::tuple<at::Tensor, at::Tensor> ternary_pack(const at::Tensor& weight);
 // Inference: x [..., in_features] float -> [..., N] in x's dtype: x quantized to int8 per token

@@ -198,7 +198,7 @@ void LlamaForCausalLMImpl::reset() {
   if (config.tie_word_embeddings) lm_head->tie(model->embed_tokens->weight);
   if (config.quantization == "ternary") {
     // A quantized checkpoint's layout: packed weights (zero until a loader fills them).
-    for (const auto& module : modules()) {
+    for (const auto& module : modules(/*include_self=*/false)) {
       if (auto* bit = module->as<nn::BitLinear>()) {
         const int64_t in = bit->options.in_features(), out = bit->options.out_features();
         bit->load_quantized(at::zeros({out, (in + 3) / 4}, at::kByte), at::ones({}, at::kFloat));
@@ -210,7 +210,7 @@ void LlamaForCausalLMImpl::reset() {
 
 void LlamaForCausalLMImpl::quantize_bitlinear() {
   TORCH_CHECK(config.bitlinear, "quantize_bitlinear: this LLaMA has no BitLinear layers (config.bitlinear is false)");
-  for (const auto& module : modules()) {
+  for (const auto& module : modules(/*include_self=*/false)) {
     if (auto* bit = module->as<nn::BitLinear>()) bit->quantize();
   }
   config.quantization = "ternary";
@@ -218,7 +218,7 @@ void LlamaForCausalLMImpl::quantize_bitlinear() {
 
 int64_t LlamaForCausalLMImpl::unquantized_bitlinear_layers() const {
   int64_t count = 0;
-  for (const auto& module : modules()) {
+  for (const auto& module : modules(/*include_self=*/false)) {
     const auto* bit = module->as<nn::BitLinear>();
     count += bit != nullptr && !bit->quantized();
   }

@@ -37,23 +37,43 @@ void check_args(const at::Tensor& x, const at::Tensor& weight) {
 // Quantization arithmetic: fp32, or fp64 for fp64 inputs (the tests' reference precision).
 at::ScalarType quantize_type(const at::Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
-// x_q / s_x, in x's dtype.
-at::Tensor dequantized_activations(const at::Tensor& x) {
+// Integer levels (as floats) and their scale: value = levels / scale (activations, a scale
+// per token) or levels * scale (weights, one scale).
+struct Levels {
+  at::Tensor levels, scale;
+};
+
+Levels activation_levels(const at::Tensor& x) {
   const at::Tensor xf = x.to(quantize_type(x));
   const at::Tensor scale = 127.0 / at::amax(xf.abs(), {-1}, /*keepdim=*/true).clamp_min(kMinScale);
-  return ((xf * scale).round().clamp(-128, 127) / scale).to(x.scalar_type());
+  return {(xf * scale).round().clamp(-128, 127), scale};
 }
 
-// W_q s_w, in the weight's dtype.
-at::Tensor dequantized_weight(const at::Tensor& weight) {
+Levels weight_levels(const at::Tensor& weight) {
   const at::Tensor wf = weight.to(quantize_type(weight));
   const at::Tensor scale = wf.abs().mean().clamp_min(kMinScale);
-  return ((wf / scale).round().clamp(-1, 1) * scale).to(weight.scalar_type());
+  return {(wf / scale).round().clamp(-1, 1), scale};
 }
 
+// x_q / s_x and W_q s_w in the inputs' dtypes, for the straight-through backward.
+at::Tensor dequantized_activations(const at::Tensor& x) {
+  const Levels q = activation_levels(x);
+  return (q.levels / q.scale).to(x.scalar_type());
+}
+
+at::Tensor dequantized_weight(const at::Tensor& weight) {
+  const Levels q = weight_levels(weight);
+  return (q.levels * q.scale).to(weight.scalar_type());
+}
+
+// The integer levels are multiplied first: their products and sums are integers below 2^24,
+// exact in fp32 in any order, so the result is ternary_linear's to the bit (acc * (s_w / s_x)
+// in fp32) and the packed model computes what the trained one did.
 at::Tensor bitlinear_impl(const at::Tensor& x, const at::Tensor& weight) {
   check_args(x, weight);
-  return at::matmul(dequantized_activations(x), dequantized_weight(weight).t());
+  const Levels xq = activation_levels(x), wq = weight_levels(weight);
+  const at::Tensor acc = at::matmul(xq.levels.to(x.scalar_type()), wq.levels.to(x.scalar_type()).t());
+  return (acc.to(xq.levels.scalar_type()) * (wq.scale / xq.scale)).to(x.scalar_type());
 }
 
 std::tuple<at::Tensor, at::Tensor> bitlinear_backward_impl(const at::Tensor& grad_out, const at::Tensor& x,
