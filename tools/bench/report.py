@@ -13,7 +13,7 @@ from collections import defaultdict
 from pathlib import Path
 
 # The implementation each benchmark compares against (first found in a case).
-BASELINES = ("torch", "sdpa", "unfused", "unchunked", "vanilla", "hf-sdpa", "torch-fsdp2")
+BASELINES = ("torch", "sdpa", "unfused", "unchunked", "vanilla", "hf-sdpa", "torch-fsdp2", "llama-fp32")
 
 
 def _num(v):
@@ -45,7 +45,7 @@ def table_lines(records, markdown=False):
         base_impl = next((b for b in BASELINES if b in impls), None)
         metrics = list(dict.fromkeys(
             m for k in keys for r in groups[k].values() for m in r
-            if m.endswith(("_ms", "_peak_mb", "_per_s")) or m.startswith(("max_", "comm_", "state_"))))
+            if m != "peak_mb" and (m.endswith(("_ms", "_mb", "_per_s")) or m.startswith(("max_", "comm_")))))
         metrics = [m for m in metrics if m.endswith("_ms")] + [m for m in metrics if not m.endswith("_ms")]
         header = ["params", "impl"] + metrics
         body = []
