@@ -47,9 +47,6 @@ int convert(int argc, char** argv) {
     bpt::throw_input_error("--quantize ternary: {} is not a bLLaMA (its config.json has model_type 'llama'; "
                            "BitLinear layers are what gets quantized)", input);
   }
-  if (quantize == "ternary" && format == "hf") {
-    bpt::throw_input_error("--quantize ternary: a quantized bLLaMA is bpt's own format; use --format bpt");
-  }
   bpt::models::llama::LlamaForCausalLM model(config, /*init_weights=*/false);
   bpt::io::load_llama_weights(*model, input);
   if (quantize == "ternary" && config.quantization == "none") {

@@ -101,6 +101,7 @@ int generate(int argc, char** argv) {
     for (std::string& prompt : read_prompts(prompt_file)) prompts.push_back(std::move(prompt));
   }
   if (prompts.empty()) throw InputError("no prompt: give --prompt TEXT or --prompt_file FILE");
+  if (max_len < 0) bpt::throw_input_error("--max_len: expected >= 0 (0: off), got {}", max_len);
   if (tokenizer_path.empty()) tokenizer_path = model_dir + "/tokenizer.model";
   const bpt::data::Tokenizer tokenizer(tokenizer_path);
   tokenizer.check_fits(config.vocab_size);

@@ -2,6 +2,7 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -26,6 +27,23 @@ std::map<std::string, at::Tensor> model_tensors(const models::llama::LlamaForCau
   for (const auto& item : model.named_parameters()) tensors[item.key()] = item.value();
   for (const auto& item : model.named_buffers()) tensors[item.key()] = item.value();
   return tensors;
+}
+
+// A quantized bLLaMA's packed weights hold only the codes 00, 01, 10 (-1, 0, +1), and its
+// scales are finite and positive: anything else is a corrupt file, not a model.
+void check_packed_values(const std::string& name, const at::Tensor& tensor, const std::string& where) {
+  if (name.ends_with(".weight_packed")) {
+    const at::Tensor code_11 = at::bitwise_and(at::bitwise_and(tensor, at::bitwise_right_shift(tensor, 1)), 0x55);
+    if (code_11.any().item<bool>()) {
+      throw_input_error("{}: tensor '{}' holds the 2-bit code 11, which no ternary value has (expected 00, 01 or "
+                        "10 for -1, 0, +1)", where, name);
+    }
+  } else if (name.ends_with(".weight_scale")) {
+    const double scale = tensor.to(at::kDouble).item<double>();
+    if (!std::isfinite(scale) || !(scale > 0)) {
+      throw_input_error("{}: tensor '{}' is {}, expected a finite scale > 0", where, name, scale);
+    }
+  }
 }
 
 }  // namespace
@@ -61,7 +79,9 @@ void read_llama_weights(const LlamaConfig& config, const TensorReader& checkpoin
       throw_input_error("{}: tensor '{}' is {}, expected {}", checkpoint.where(hf), hf, dtype_name(info.dtype),
                         hf.ends_with(".weight_packed") ? "U8 (packed ternary weights)" : "a float type (F32, BF16, F16)");
     }
-    use(models::llama::bpt_name(hf), checkpoint.tensor(hf));
+    const at::Tensor tensor = checkpoint.tensor(hf);
+    check_packed_values(hf, tensor, checkpoint.where(hf));
+    use(models::llama::bpt_name(hf), tensor);
     used.insert(hf);
   }
   for (const std::string& hf : checkpoint.names()) {
@@ -92,10 +112,19 @@ void write_llama(const models::llama::LlamaForCausalLMImpl& model, const std::st
                  const SaveOptions& options) {
   LlamaConfig config = model.config;
   if (options.dtype) config.dtype = *options.dtype;
+  if (config.bitlinear && !options.bpt_fields) {
+    throw_input_error("a bLLaMA is bpt's own format (transformers has no model for it): save it with bpt's fields "
+                      "(--format bpt)");
+  }
+  TORCH_CHECK(model.unquantized_bitlinear_layers() == 0 || config.quantization == "none",
+              "write_llama: some BitLinear layers are packed and some not; quantize_bitlinear() packs them all");
   const auto held = model_tensors(model);
   NamedTensors tensors;
   for (const auto& [name, shape] : models::llama::hf_tensor_shapes(config)) {
-    const at::Tensor& tensor = held.at(models::llama::bpt_name(name)).detach();
+    const auto it = held.find(models::llama::bpt_name(name));
+    TORCH_CHECK(it != held.end(), "write_llama: the model has no tensor ", name, " (BitLinear layers packed by hand? "
+                "quantize_bitlinear() packs them all and records it in the config)");
+    const at::Tensor tensor = it->second.detach();
     // Packed ternary weights and their scales keep their own dtypes.
     const bool packed = name.ends_with(".weight_packed") || name.ends_with(".weight_scale");
     tensors.emplace_back(name, packed ? tensor.cpu() : tensor.to(at::kCPU, config.dtype));

@@ -12,9 +12,11 @@ void BitLinearImpl::reset() {
   TORCH_CHECK(options.in_features() > 0 && options.out_features() > 0,
               "BitLinear: in_features and out_features must be positive, got ", options.in_features(), " and ",
               options.out_features());
-  weight = register_parameter("weight", at::empty({options.out_features(), options.in_features()}));
-  norm = register_module("norm", RMSNorm(RMSNormOptions(options.in_features()).eps(options.eps())));
-  weight_packed = weight_scale = at::Tensor();
+  const int64_t in = options.in_features(), out = options.out_features();
+  weight_packed = weight_scale = weight = at::Tensor();
+  if (!options.quantized()) weight = register_parameter("weight", at::empty({out, in}));
+  norm = register_module("norm", RMSNorm(RMSNormOptions(in).eps(options.eps())));
+  if (options.quantized()) load_quantized(at::zeros({out, (in + 3) / 4}, at::kByte), at::ones({}, at::kFloat));
   reset_parameters();
 }
 
@@ -54,22 +56,22 @@ void BitLinearImpl::load_quantized(const at::Tensor& packed, const at::Tensor& s
   weight_scale = register_buffer("weight_scale", scale.reshape({}).contiguous());
   // The full-precision weights are gone: inference reads only the packed ones.
   weight = at::Tensor();
-  parameters_.erase("weight");
+  if (parameters_.contains("weight")) parameters_.erase("weight");
 }
 
-BitFeedForwardImpl::BitFeedForwardImpl(int64_t dim_, int64_t hidden_dim_, double eps_)
-    : dim(dim_), hidden_dim(hidden_dim_), eps(eps_) {
-  reset();
-}
+BitFeedForwardImpl::BitFeedForwardImpl(const BitFeedForwardOptions& options_) : options(options_) { reset(); }
 
 void BitFeedForwardImpl::reset() {
-  gate_proj = register_module("gate_proj", BitLinear(BitLinearOptions(dim, hidden_dim).eps(eps)));
-  up_proj = register_module("up_proj", BitLinear(BitLinearOptions(dim, hidden_dim).eps(eps)));
-  down_proj = register_module("down_proj", BitLinear(BitLinearOptions(hidden_dim, dim).eps(eps)));
+  const auto linear = [&](int64_t in, int64_t out) {
+    return BitLinear(BitLinearOptions(in, out).eps(options.eps()).quantized(options.quantized()));
+  };
+  gate_proj = register_module("gate_proj", linear(options.dim(), options.hidden_dim()));
+  up_proj = register_module("up_proj", linear(options.dim(), options.hidden_dim()));
+  down_proj = register_module("down_proj", linear(options.hidden_dim(), options.dim()));
 }
 
 void BitFeedForwardImpl::pretty_print(std::ostream& stream) const {
-  stream << "bpt::nn::BitFeedForward(dim=" << dim << ", hidden_dim=" << hidden_dim << ")";
+  stream << "bpt::nn::BitFeedForward(dim=" << options.dim() << ", hidden_dim=" << options.hidden_dim() << ")";
 }
 
 at::Tensor BitFeedForwardImpl::forward(const at::Tensor& x) { return down_proj(at::silu(gate_proj(x)) * up_proj(x)); }

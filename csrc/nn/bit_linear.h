@@ -7,7 +7,9 @@
 // gradients; `weight` is the full-precision master (fp32, or the model's dtype).
 // Inference: quantize() packs the weights 2 bits per value (bpt::ternary_pack) and drops the
 // full-precision ones; forward then runs bpt::ternary_linear (int8 x ternary, int32 sums),
-// which equals the fake-quantized forward up to float rounding.
+// which equals the fake-quantized forward exactly in fp32 (bitlinear multiplies integer levels
+// the same way). quantize() drops the weight from parameters(): quantize before handing the
+// parameters to an optimizer or FSDP, never after; a quantized layer cannot be clone()d.
 //
 //   names: weight [out, in] (training), norm.weight [in]; after quantize(): the buffers
 //   weight_packed [out, ceil(in / 4)] uint8 and weight_scale [] fp32.
@@ -25,6 +27,9 @@ struct BitLinearOptions {
   TORCH_ARG(int64_t, in_features);
   TORCH_ARG(int64_t, out_features);
   TORCH_ARG(double, eps) = 1e-6;  // of the input RMSNorm
+  // Built for packed weights (a quantized checkpoint): no full-precision weight is ever
+  // allocated; the packed buffers start zero until load_quantized() or a loader fills them.
+  TORCH_ARG(bool, quantized) = false;
 };
 
 class BitLinearImpl : public torch::nn::Cloneable<BitLinearImpl> {
@@ -39,7 +44,8 @@ class BitLinearImpl : public torch::nn::Cloneable<BitLinearImpl> {
   // x [..., in] -> [..., out]
   at::Tensor forward(const at::Tensor& x);
 
-  // Packs the weights for inference (no gradients from then on); idempotent.
+  // Packs the weights for inference (no gradients from then on); idempotent. The weights must
+  // be finite.
   void quantize();
   // Sets packed weights directly (a quantized checkpoint); checks their shapes.
   void load_quantized(const at::Tensor& packed, const at::Tensor& scale);
@@ -54,18 +60,27 @@ class BitLinearImpl : public torch::nn::Cloneable<BitLinearImpl> {
 TORCH_MODULE(BitLinear);
 
 // LLaMA's SwiGLU MLP with BitLinear layers: down(silu(gate(x)) * up(x)), each BitLinear
-// normalising and quantizing its own input. Submodules named as Hugging Face's.
+// normalising and quantizing its own input. Submodules named as Hugging Face's. Unlike
+// BlockwiseFeedForward it is not chunked over tokens (bLLaMA's remat policies bound its
+// activations per layer).
+struct BitFeedForwardOptions {
+  BitFeedForwardOptions(int64_t dim, int64_t hidden_dim) : dim_(dim), hidden_dim_(hidden_dim) {}
+  TORCH_ARG(int64_t, dim);
+  TORCH_ARG(int64_t, hidden_dim);
+  TORCH_ARG(double, eps) = 1e-6;
+  TORCH_ARG(bool, quantized) = false;  // packed weights (BitLinearOptions::quantized)
+};
+
 class BitFeedForwardImpl : public torch::nn::Cloneable<BitFeedForwardImpl> {
  public:
-  BitFeedForwardImpl(int64_t dim, int64_t hidden_dim, double eps = 1e-6);
+  explicit BitFeedForwardImpl(const BitFeedForwardOptions& options_);
   void reset() override;
   void pretty_print(std::ostream& stream) const override;
 
   // x [..., dim] -> [..., dim]
   at::Tensor forward(const at::Tensor& x);
 
-  int64_t dim, hidden_dim;
-  double eps;
+  BitFeedForwardOptions options;
   BitLinear gate_proj{nullptr}, up_proj{nullptr}, down_proj{nullptr};
 };
 

@@ -77,7 +77,7 @@ std::tuple<at::Tensor, at::Tensor> bitlinear_backward(const at::Tensor& grad_out
 std::tuple<at::Tensor, at::Tensor> ternary_pack(const at::Tensor& weight);
 // Inference: x [..., in_features] float -> [..., N] in x's dtype: x quantized to int8 per token
 // as in bitlinear, int8 x ternary products summed in int32, scaled back. Equals bitlinear(x,
-// weight) up to float rounding.
+// weight) exactly for fp32 x (given the same weight scale).
 at::Tensor ternary_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
                           int64_t in_features);
 

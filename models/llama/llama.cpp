@@ -10,7 +10,10 @@ namespace {
 
 // A projection without bias: torch::nn::Linear, or BitLinear in a bLLaMA.
 torch::nn::AnyModule projection(const LlamaConfig& config, int64_t in, int64_t out) {
-  if (config.bitlinear) return torch::nn::AnyModule(nn::BitLinear(nn::BitLinearOptions(in, out).eps(config.rms_norm_eps)));
+  if (config.bitlinear) {
+    return torch::nn::AnyModule(nn::BitLinear(
+        nn::BitLinearOptions(in, out).eps(config.rms_norm_eps).quantized(config.quantization == "ternary")));
+  }
   return torch::nn::AnyModule(torch::nn::Linear(torch::nn::LinearOptions(in, out).bias(false)));
 }
 
@@ -76,7 +79,9 @@ void LlamaDecoderLayerImpl::reset() {
   const int64_t C = config.hidden_size;
   self_attn = register_module("self_attn", LlamaAttention(config));
   if (config.bitlinear) {
-    mlp = torch::nn::AnyModule(nn::BitFeedForward(C, config.intermediate_size, config.rms_norm_eps));
+    mlp = torch::nn::AnyModule(nn::BitFeedForward(nn::BitFeedForwardOptions(C, config.intermediate_size)
+                                                      .eps(config.rms_norm_eps)
+                                                      .quantized(config.quantization == "ternary")));
   } else {
     mlp = torch::nn::AnyModule(nn::BlockwiseFeedForward(
         nn::BlockwiseFeedForwardOptions(C, config.intermediate_size).chunk(config.ffn_chunk_size)));
@@ -196,15 +201,6 @@ void LlamaForCausalLMImpl::reset() {
                                                                  .chunk(config.loss_chunk_size)
                                                                  .float32_logits(config.float32_logits)));
   if (config.tie_word_embeddings) lm_head->tie(model->embed_tokens->weight);
-  if (config.quantization == "ternary") {
-    // A quantized checkpoint's layout: packed weights (zero until a loader fills them).
-    for (const auto& module : modules(/*include_self=*/false)) {
-      if (auto* bit = module->as<nn::BitLinear>()) {
-        const int64_t in = bit->options.in_features(), out = bit->options.out_features();
-        bit->load_quantized(at::zeros({out, (in + 3) / 4}, at::kByte), at::ones({}, at::kFloat));
-      }
-    }
-  }
   if (init_weights) reset_parameters();
 }
 

@@ -7,6 +7,8 @@
 #include "csrc/nn/bit_linear.h"
 #include "csrc/ops/ops.h"
 #include "helpers.h"
+#include "models/llama/hf_names.h"
+#include "models/llama/llama.h"
 
 using bpt::nn::BitLinear;
 using bpt::nn::BitLinearOptions;
@@ -55,4 +57,25 @@ TEST_CASE("a quantized BitLinear gives the fake-quantized output from 2-bit weig
                     Catch::Contains("uint8 [3, 2]"));
   CHECK_THROWS_WITH(layer->load_quantized(at::zeros({3, 2}, at::kByte), at::ones({2}, at::kFloat)),
                     Catch::Contains("one fp32 value"));
+}
+
+TEST_CASE("bLLaMA presets and a quantized model built without full-precision weights", "[bitlinear]") {
+  const auto big = bpt::models::llama::preset("bllama-1.7b");
+  REQUIRE(big.bitlinear);
+  double count = 0;
+  for (const auto& [name, shape] : bpt::models::llama::hf_tensor_shapes(big)) {
+    double n = 1;
+    for (const int64_t d : shape) n *= static_cast<double>(d);
+    count += n;
+  }
+  CHECK(count == Approx(1.742e9).epsilon(0.001));  // the seed's 1.7B
+
+  auto config = bpt::models::llama::preset("bllama-tiny");
+  config.quantization = "ternary";
+  bpt::models::llama::LlamaForCausalLM model(config);
+  int64_t matrices = 0;
+  for (const auto& item : model->named_parameters()) matrices += item.value().dim() == 2;
+  CHECK(matrices == 2);  // the embedding and the head: no BitLinear weight was ever made
+  CHECK(model->named_buffers().contains("model.layers.0.mlp.down_proj.weight_packed"));
+  CHECK(model->unquantized_bitlinear_layers() == 0);
 }

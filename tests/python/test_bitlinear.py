@@ -90,3 +90,12 @@ def test_bad_arguments_are_named():
         bitlinear(torch.randn(3, 8), torch.randn(4, 8, dtype=torch.float64))
     with pytest.raises(RuntimeError, match=r"\[N, K\]"):
         bitlinear(torch.randn(3, 8), torch.randn(8))
+
+
+def test_fp16_does_not_overflow_where_the_integer_sums_exceed_its_range():
+    """K = 8192 with every activation at its int8 maximum: the level sums pass fp16's 65504."""
+    x = torch.ones(2, 8192, dtype=torch.float16) * 4
+    w = torch.ones(3, 8192, dtype=torch.float16) / 100
+    y = bitlinear(x, w)
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y.float(), bitlinear(x.float(), w.float()), rtol=1e-3, atol=0)

@@ -218,6 +218,24 @@ def test_corrupt_quantized_checkpoints_are_refused(tmp_path, trained):
         result = run_app("generate", "--model", q, "--prompt", "x", "--max_new_tokens", 2, "--tokenizer",
                          tmp_path / "tokenizer.model")
         assert result.returncode == 2 and message in result.stderr, (label, result.stderr)
+    save_file(tensors, q / "model.safetensors", metadata={"format": "pt"})
+    scale = "model.layers.1.self_attn.v_proj.weight_scale"
+    packed = tensors[name].clone()
+    packed[0, 0] = 0b11
+    for label, (broken, message) in {
+        "code 11": ({**tensors, name: packed}, "holds the 2-bit code 11"),
+        "nan scale": ({**tensors, scale: torch.tensor(float("nan"))}, "expected a finite scale > 0"),
+        "zero scale": ({**tensors, scale: torch.tensor(0.0)}, "expected a finite scale > 0"),
+    }.items():
+        save_file(broken, q / "model.safetensors", metadata={"format": "pt"})
+        result = run_app("convert", "--input", q, "--output", tmp_path / "copy")
+        assert result.returncode == 2 and message in result.stderr, (label, result.stderr)
+    save_file(tensors, q / "model.safetensors", metadata={"format": "pt"})
+    # A quantized checkpoint re-saves as it is, never as Hugging Face's.
+    assert run_app("convert", "--input", q, "--output", tmp_path / "copy").returncode == 0
+    assert load_file(tmp_path / "copy/model.safetensors")[name].equal(tensors[name])
+    result = run_app("convert", "--input", q, "--output", tmp_path / "hf", "--format", "hf")
+    assert result.returncode == 2 and "bpt's own format" in result.stderr
     # A quantized model cannot train, and a LLaMA cannot be quantized.
     result = run_app("train", f"--load_llama_config={q}", f"--logger.output_dir={tmp_path / 'run'}")
     assert result.returncode == 2 and "only runs inference" in result.stderr

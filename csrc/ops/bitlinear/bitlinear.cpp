@@ -72,7 +72,10 @@ at::Tensor dequantized_weight(const at::Tensor& weight) {
 at::Tensor bitlinear_impl(const at::Tensor& x, const at::Tensor& weight) {
   check_args(x, weight);
   const Levels xq = activation_levels(x), wq = weight_levels(weight);
-  const at::Tensor acc = at::matmul(xq.levels.to(x.scalar_type()), wq.levels.to(x.scalar_type()).t());
+  // fp16 would overflow past 65504 (K = 8192 and outputs near 50 reach it): its levels
+  // multiply in fp32. bf16 has fp32's range.
+  const at::ScalarType matmul_type = x.scalar_type() == at::kHalf ? at::kFloat : x.scalar_type();
+  const at::Tensor acc = at::matmul(xq.levels.to(matmul_type), wq.levels.to(matmul_type).t());
   return (acc.to(xq.levels.scalar_type()) * (wq.scale / xq.scale)).to(x.scalar_type());
 }
 

@@ -55,6 +55,7 @@ std::tuple<at::Tensor, at::Tensor> ternary_pack_cpu(const at::Tensor& weight) {
   // The training quantizer's arithmetic, op for op: scale = max(mean|W|, 1e-5) in fp32,
   // w_q = clamp(round(W / scale), -1, 1) with torch.round (half to even).
   const at::Tensor w = weight.to(at::kFloat);
+  TORCH_CHECK(at::isfinite(w).all().item<bool>(), "bpt::ternary_pack: weight holds non-finite values (NaN or inf)");
   const at::Tensor scale = w.abs().mean().clamp_min(1e-5);
   const at::Tensor w_q = at::round(w / scale).clamp_(-1, 1).to(at::kChar).contiguous();
 

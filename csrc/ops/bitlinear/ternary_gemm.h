@@ -26,9 +26,9 @@
 namespace bpt::cpu {
 
 // Bytes per packed row of k values.
-constexpr int64_t ternary_packed_bytes(int64_t k) { return (k + 3) / 4; }
+static constexpr int64_t ternary_packed_bytes(int64_t k) { return (k + 3) / 4; }
 // Bytes per token of block-order activations: k rounded up to whole 256-value blocks.
-constexpr int64_t ternary_blocked_stride(int64_t k) { return (k + 255) / 256 * 256; }
+static constexpr int64_t ternary_blocked_stride(int64_t k) { return (k + 255) / 256 * 256; }
 
 enum class TernaryKernel { Reference, Avx2, Avx512Vnni };
 
