@@ -9,7 +9,8 @@
 // full-precision ones; forward then runs bpt::ternary_linear (int8 x ternary, int32 sums),
 // which equals the fake-quantized forward exactly in fp32 (bitlinear multiplies integer levels
 // the same way). quantize() drops the weight from parameters(): quantize before handing the
-// parameters to an optimizer or FSDP, never after; a quantized layer cannot be clone()d.
+// parameters to an optimizer or FSDP, never after; a quantized layer cannot be clone()d, and
+// Module::to(dtype) would convert its uint8 buffer too: build it in its dtype instead.
 //
 //   names: weight [out, in] (training), norm.weight [in]; after quantize(): the buffers
 //   weight_packed [out, ceil(in / 4)] uint8 and weight_scale [] fp32.

@@ -41,3 +41,16 @@ def lm_loss(h, w_head, targets, ignore_index=-100, z_loss=0.0):
         return logits.sum() * 0, 0, 0
     loss = F.cross_entropy(logits, t, ignore_index=ignore_index) + z_loss * (lse[valid] ** 2).mean()
     return loss, n, int(((logits.argmax(-1) == t) & valid).sum())
+
+
+def activation_quant(x):
+    """BitNet b1.58: per token, absmax to int8 levels, dequantized."""
+    scale = 127.0 / x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-5)
+    return (x * scale).round().clamp(-128, 127) / scale
+
+
+def weight_quant(w):
+    """BitNet b1.58: per tensor, absmean to {-1, 0, 1}, dequantized."""
+    scale = w.abs().mean().clamp(min=1e-5)
+    return (w / scale).round().clamp(-1, 1) * scale
+

@@ -8,19 +8,9 @@ gradients are checked against autograd through the reference's straight-through 
 import pytest
 import torch
 
+from reference import activation_quant, weight_quant
+
 bitlinear = torch.ops.bpt.bitlinear
-
-
-def activation_quant(x):
-    """Per token, absmax to int8 levels, dequantized (BitNet b1.58)."""
-    scale = 127.0 / x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-5)
-    return (x * scale).round().clamp(-128, 127) / scale
-
-
-def weight_quant(w):
-    """Per tensor, absmean to {-1, 0, 1}, dequantized."""
-    scale = w.abs().mean().clamp(min=1e-5)
-    return (w / scale).round().clamp(-1, 1) * scale
 
 
 def reference(x, w):

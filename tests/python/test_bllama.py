@@ -23,6 +23,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from bpt.llama import Llama
 from llama_helpers import run_app, train_tokenizer
+from reference import activation_quant, weight_quant
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -30,16 +31,6 @@ ROOT = Path(__file__).resolve().parents[2]
 def ste(quantize, x):
     """The quantized value forward, the identity backward."""
     return x + (quantize(x) - x).detach()
-
-
-def activation_quant(x):
-    scale = 127.0 / x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-5)
-    return (x * scale).round().clamp(-128, 127) / scale
-
-
-def weight_quant(w):
-    scale = w.abs().mean().clamp(min=1e-5)
-    return (w / scale).round().clamp(-1, 1) * scale
 
 
 class RefBitLinear(nn.Module):
