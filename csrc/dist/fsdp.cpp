@@ -113,7 +113,7 @@ void Fsdp::wait_gathered(Unit& unit) {
 
 void Fsdp::free(Unit& unit) {
   if (!unit.is_gathered) return;
-  if (unit.grad_flat.defined() && !unit.reducing) {  // gathered for a backward that never came
+  if (unit.grad_flat.defined()) {  // gathered for a backward that never came (start_reduce takes it otherwise)
     for (Entry& entry : unit.entries) entry.param.mutable_grad() = at::Tensor();
     unit.grad_flat = at::Tensor();
   }
@@ -250,9 +250,7 @@ std::map<std::string, std::vector<int64_t>> Fsdp::shapes() const {
 }
 
 double Fsdp::sum_over_shards(double local) const {
-  at::Tensor value = at::full({1}, local, at::kDouble);
-  mesh_.fsdp_group.all_reduce(value);
-  return value.item<double>();
+  return mesh_.fsdp_group.sum({local})[0];
 }
 
 int64_t Fsdp::held_bytes() const {

@@ -242,18 +242,22 @@ void Group::all_reduce(at::Tensor t) const {
   if (!tensors[0].is_same(t)) t.copy_(tensors[0]);
 }
 
+std::vector<double> Group::sum(const std::vector<double>& values) const {
+  if (!backend_) return values;
+  at::Tensor t = at::tensor(values, at::kDouble);
+  all_reduce(t);
+  return std::vector<double>(t.data_ptr<double>(), t.data_ptr<double>() + t.numel());
+}
+
 bool Group::all_equal(const std::vector<double>& values) const {
   if (!backend_) return true;
-  at::Tensor sums = at::tensor(values, at::kDouble);
-  all_reduce(sums);
+  const std::vector<double> sums = sum(values);
   bool same = true;
   for (size_t i = 0; i < values.size(); ++i) {
     const double want = values[i] * static_cast<double>(size_);
-    same = same && std::abs(sums[i].item<double>() - want) <= 1e-9 * std::max(1.0, std::abs(want));
+    same = same && std::abs(sums[i] - want) <= 1e-9 * std::max(1.0, std::abs(want));
   }
-  at::Tensor disagree = at::full({1}, same ? 0.0 : 1.0, at::kDouble);
-  all_reduce(disagree);  // so that every rank gives the same answer
-  return disagree.item<double>() == 0;
+  return sum({same ? 0.0 : 1.0})[0] == 0;  // so that every rank gives the same answer
 }
 
 std::string Group::broadcast(const std::string& text) const {

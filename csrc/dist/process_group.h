@@ -73,6 +73,9 @@ class Group {
   // t = the sum over ranks of t; waits.
   void all_reduce(at::Tensor t) const;
   void barrier() const;
+  // The element-wise sum over ranks of each rank's `values` (small host numbers: counts,
+  // norms); waits.
+  std::vector<double> sum(const std::vector<double>& values) const;
   // Whether every rank passed the same values (up to rounding); every rank gets the answer.
   bool all_equal(const std::vector<double>& values) const;
   // Rank 0's `text`, on every rank.

@@ -105,12 +105,6 @@ FitResult Trainer::fit(TrainModule& module, data::DataLoader& train, data::DataL
   const Checkpointer checkpointer(options_.output_dir, options_.save_optimizer_state, options_.save_delay_ms, world_);
   MetricsLog metrics(options_.output_dir, options_.progress, options_.total_steps, world_.rank() == 0);
   const auto ranks = static_cast<double>(world_.size());
-  // Sums over ranks, in one all-reduce: what each rank's micro-batch or evaluation counted.
-  const auto sum_over_ranks = [&](std::vector<double> values) {
-    at::Tensor t = at::tensor(values, at::kDouble);
-    world_.all_reduce(t);
-    return std::vector<double>(t.data_ptr<double>(), t.data_ptr<double>() + t.numel());
-  };
 
   // Weights first: the optimizer takes its fp32 masters from the parameters it is given.
   FitResult result;
@@ -182,7 +176,7 @@ FitResult Trainer::fit(TrainModule& module, data::DataLoader& train, data::DataL
   const double state_mb = static_cast<double>(module.held_bytes() + optimizer.state_bytes()) / 1e6;
   int64_t window_comm_start = module.communicated_bytes();
   // Every rank stops at the same step: a signal reaching one rank is shared in an all-reduce.
-  const auto should_stop = [&] { return sum_over_ranks({stop_requested ? 1.0 : 0.0})[0] > 0; };
+  const auto should_stop = [&] { return world_.sum({stop_requested ? 1.0 : 0.0})[0] > 0; };
   while (result.steps < options_.total_steps && !should_stop()) {
     const auto step_start = Clock::now();
     double loss_sum = 0;
@@ -192,7 +186,7 @@ FitResult Trainer::fit(TrainModule& module, data::DataLoader& train, data::DataL
       // The mean over every rank's tokens: each rank's mean weighted by its share of them
       // (times the rank count, which the gradient average divides out again).
       const double n = static_cast<double>(out.n_tokens);
-      const auto totals = sum_over_ranks({out.loss.item<double>() * n, n, static_cast<double>(out.n_correct)});
+      const auto totals = world_.sum({out.loss.item<double>() * n, n, static_cast<double>(out.n_correct)});
       const double weight = totals[1] > 0 ? n * ranks / totals[1] : 0.0;
       (out.loss * (weight / static_cast<double>(options_.accumulate_gradient_steps))).backward();
       loss_sum += totals[1] > 0 ? totals[0] / totals[1] : 0.0;
@@ -244,7 +238,7 @@ FitResult Trainer::fit(TrainModule& module, data::DataLoader& train, data::DataL
         const auto out = module.validation_step(slice_rows(eval->next(), world_.rank(), world_.size()));
         if (!out) break;
         const double n = static_cast<double>(out->n_tokens);
-        const auto totals = sum_over_ranks({out->loss.item<double>() * n, n, static_cast<double>(out->n_correct)});
+        const auto totals = world_.sum({out->loss.item<double>() * n, n, static_cast<double>(out->n_correct)});
         loss += totals[0];
         tokens += totals[1];
         correct += totals[2];
