@@ -74,6 +74,14 @@ void BitFeedForwardImpl::pretty_print(std::ostream& stream) const {
   stream << "bpt::nn::BitFeedForward(dim=" << options.dim() << ", hidden_dim=" << options.hidden_dim() << ")";
 }
 
-at::Tensor BitFeedForwardImpl::forward(const at::Tensor& x) { return down_proj(at::silu(gate_proj(x)) * up_proj(x)); }
+at::Tensor BitFeedForwardImpl::forward(const at::Tensor& x) {
+  const at::Tensor hidden = at::silu(adapters_.run("gate_proj", gate_proj, x)) * adapters_.run("up_proj", up_proj, x);
+  return adapters_.run("down_proj", down_proj, hidden);
+}
+
+void BitFeedForwardImpl::add_lora(const std::vector<std::string>& projections, const LoRAOptions& lora) {
+  adapters_.add_mlp(*this, projections, torch::nn::AnyModule(gate_proj), torch::nn::AnyModule(up_proj),
+                    torch::nn::AnyModule(down_proj), options.dim(), options.hidden_dim(), lora);
+}
 
 }  // namespace bpt::nn

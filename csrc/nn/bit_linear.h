@@ -19,6 +19,10 @@
 #include <torch/nn/cloneable.h>
 #include <torch/nn/pimpl.h>
 
+#include <string>
+#include <vector>
+
+#include "csrc/nn/lora_linear.h"
 #include "csrc/nn/rms_norm.h"
 
 namespace bpt::nn {
@@ -81,8 +85,15 @@ class BitFeedForwardImpl : public torch::nn::Cloneable<BitFeedForwardImpl> {
   // x [..., dim] -> [..., dim]
   at::Tensor forward(const at::Tensor& x);
 
+  // LoRA on some of gate_proj, up_proj, down_proj (csrc/nn/lora_linear.h); BitLinear bases do
+  // not merge.
+  void add_lora(const std::vector<std::string>& projections, const LoRAOptions& lora);
+
   BitFeedForwardOptions options;
   BitLinear gate_proj{nullptr}, up_proj{nullptr}, down_proj{nullptr};
+
+ private:
+  LoRAProjections adapters_;
 };
 
 TORCH_MODULE(BitFeedForward);

@@ -1,5 +1,7 @@
 #include "csrc/nn/blockwise_feed_forward.h"
 
+#include <ATen/ATen.h>
+
 #include "csrc/ops/checks.h"
 #include "csrc/ops/ops.h"
 
@@ -26,7 +28,16 @@ void BlockwiseFeedForwardImpl::pretty_print(std::ostream& stream) const {
 }
 
 at::Tensor BlockwiseFeedForwardImpl::forward(const at::Tensor& x) {
-  return ops::blockwise_ffn(x, gate_proj->weight, up_proj->weight, down_proj->weight, options.chunk());
+  if (adapters_.empty()) {
+    return ops::blockwise_ffn(x, gate_proj->weight, up_proj->weight, down_proj->weight, options.chunk());
+  }
+  const at::Tensor hidden = at::silu(adapters_.run("gate_proj", gate_proj, x)) * adapters_.run("up_proj", up_proj, x);
+  return adapters_.run("down_proj", down_proj, hidden);
+}
+
+void BlockwiseFeedForwardImpl::add_lora(const std::vector<std::string>& projections, const LoRAOptions& lora) {
+  adapters_.add_mlp(*this, projections, torch::nn::AnyModule(gate_proj), torch::nn::AnyModule(up_proj),
+                    torch::nn::AnyModule(down_proj), options.dim(), options.hidden_dim(), lora);
 }
 
 }  // namespace bpt::nn

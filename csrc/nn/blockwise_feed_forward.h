@@ -7,6 +7,11 @@
 #include <torch/nn/modules/linear.h>
 #include <torch/nn/pimpl.h>
 
+#include <string>
+#include <vector>
+
+#include "csrc/nn/lora_linear.h"
+
 namespace bpt::nn {
 
 struct BlockwiseFeedForwardOptions {
@@ -29,8 +34,18 @@ class BlockwiseFeedForwardImpl : public torch::nn::Cloneable<BlockwiseFeedForwar
   // x [..., dim] -> [..., dim]
   at::Tensor forward(const at::Tensor& x);
 
+  // LoRA on some of gate_proj, up_proj, down_proj (csrc/nn/lora_linear.h). The op takes
+  // plain weights, so with adapters the MLP runs through the layers, unchunked: its
+  // [tokens, hidden_dim] activations exist per layer (remat bounds them to one layer).
+  void add_lora(const std::vector<std::string>& projections, const LoRAOptions& lora);
+  // Folds the adapters into the weights; the chunked op runs again.
+  void merge_lora() { adapters_.merge(*this); }
+
   BlockwiseFeedForwardOptions options;
   torch::nn::Linear gate_proj{nullptr}, up_proj{nullptr}, down_proj{nullptr};
+
+ private:
+  LoRAProjections adapters_;
 };
 
 TORCH_MODULE(BlockwiseFeedForward);

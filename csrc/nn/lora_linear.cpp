@@ -60,4 +60,56 @@ at::Tensor LoRALinearImpl::forward(const at::Tensor& x) {
 
 at::Tensor LoRALinearImpl::delta_weight() const { return at::mm(lora_B->weight, lora_A->weight) * scaling(); }
 
+torch::nn::AnyModule LoRALinearImpl::merge() {
+  auto* linear = base.ptr()->as<torch::nn::Linear>();
+  TORCH_CHECK(linear != nullptr, "LoRALinear::merge: only a Linear base merges (a BitLinear's ternary weights cannot "
+              "absorb the update); keep the adapter beside it");
+  at::NoGradGuard no_grad;
+  linear->weight.add_(delta_weight().to(linear->weight.scalar_type()));
+  return base;
+}
+
+void add_lora(torch::nn::Module& owner, const std::string& name, torch::nn::AnyModule& slot, int64_t in_features,
+              int64_t out_features, const LoRAOptions& options) {
+  TORCH_CHECK(slot.ptr()->as<LoRALinear>() == nullptr, "add_lora: ", name, " already has an adapter");
+  LoRALinear adapted(slot, in_features, out_features, options);
+  owner.replace_module(name, adapted.ptr());
+  slot = torch::nn::AnyModule(adapted);
+}
+
+void merge_lora(torch::nn::Module& owner, const std::string& name, torch::nn::AnyModule& slot) {
+  auto* adapted = slot.ptr()->as<LoRALinear>();
+  if (adapted == nullptr) return;
+  slot = adapted->merge();
+  owner.replace_module(name, slot.ptr());
+}
+
+void LoRAProjections::add(torch::nn::Module& owner, const std::string& name, torch::nn::AnyModule layer,
+                          int64_t in_features, int64_t out_features, const LoRAOptions& options) {
+  add_lora(owner, name, layer, in_features, out_features, options);
+  slots_[name] = std::move(layer);
+}
+
+void LoRAProjections::add_mlp(torch::nn::Module& owner, const std::vector<std::string>& projections,
+                              torch::nn::AnyModule gate_proj, torch::nn::AnyModule up_proj,
+                              torch::nn::AnyModule down_proj, int64_t dim, int64_t hidden_dim,
+                              const LoRAOptions& options) {
+  for (const std::string& name : projections) {
+    if (name == "gate_proj") {
+      add(owner, name, gate_proj, dim, hidden_dim, options);
+    } else if (name == "up_proj") {
+      add(owner, name, up_proj, dim, hidden_dim, options);
+    } else if (name == "down_proj") {
+      add(owner, name, down_proj, hidden_dim, dim, options);
+    } else {
+      TORCH_CHECK(false, "LoRA: an MLP has no projection '", name, "' (gate_proj, up_proj, down_proj)");
+    }
+  }
+}
+
+void LoRAProjections::merge(torch::nn::Module& owner) {
+  for (auto& [name, slot] : slots_) merge_lora(owner, name, slot);
+  slots_.clear();
+}
+
 }  // namespace bpt::nn

@@ -3,6 +3,8 @@
 #include <ATen/ATen.h>
 #include <c10/core/DefaultDtype.h>
 
+#include "csrc/common/error.h"
+#include "csrc/common/text.h"
 #include "csrc/ops/ops.h"
 
 namespace bpt::models::llama {
@@ -19,7 +21,28 @@ torch::nn::AnyModule projection(const LlamaConfig& config, int64_t in, int64_t o
 
 at::Tensor run(torch::nn::AnyModule& module, const at::Tensor& x) { return module.forward<at::Tensor>(x); }
 
+const std::vector<std::string> kAttentionProjections = {"q_proj", "k_proj", "v_proj", "o_proj"};
+const std::vector<std::string> kMlpProjections = {"gate_proj", "up_proj", "down_proj"};
+
 }  // namespace
+
+std::vector<std::string> lora_target_modules(const std::string& spec, const std::string& flag) {
+  if (spec == "attention") return kAttentionProjections;
+  if (spec == "mlp") return kMlpProjections;
+  std::vector<std::string> all = kAttentionProjections;
+  all.insert(all.end(), kMlpProjections.begin(), kMlpProjections.end());
+  if (spec == "all") return all;
+  const char* expected = "expected all, attention, mlp or a comma-separated list of q_proj, k_proj, v_proj, o_proj, "
+                         "gate_proj, up_proj, down_proj";
+  std::vector<std::string> names = split(spec, ',');
+  if (names.empty()) throw_input_error("{}: {}", flag, expected);
+  for (const std::string& name : names) {
+    if (std::find(all.begin(), all.end(), name) == all.end()) {
+      throw_input_error("{}: '{}' is not a LLaMA projection; {}", flag, name, expected);
+    }
+  }
+  return names;
+}
 
 at::Tensor positions_from_segments(const at::Tensor& segment_ids) {
   const int64_t B = segment_ids.size(0), T = segment_ids.size(1);
@@ -65,6 +88,24 @@ at::Tensor LlamaAttentionImpl::forward(const at::Tensor& x, const LayerInputs& i
   }
   const at::Tensor out = attention(q, k, v, inputs.segment_ids, kv_offset);  // [B, H, T, D]
   return run(o_proj, out.transpose(1, 2).reshape({B, T, H * D}));
+}
+
+void LlamaAttentionImpl::add_lora(const std::vector<std::string>& projections, const nn::LoRAOptions& options) {
+  const int64_t C = config.hidden_size, D = config.resolved_head_dim();
+  const int64_t H = config.num_attention_heads, Hkv = config.num_key_value_heads;
+  for (const std::string& name : projections) {
+    if (name == "q_proj") nn::add_lora(*this, name, q_proj, C, H * D, options);
+    if (name == "k_proj") nn::add_lora(*this, name, k_proj, C, Hkv * D, options);
+    if (name == "v_proj") nn::add_lora(*this, name, v_proj, C, Hkv * D, options);
+    if (name == "o_proj") nn::add_lora(*this, name, o_proj, H * D, C, options);
+  }
+}
+
+void LlamaAttentionImpl::merge_lora() {
+  for (auto& [name, slot] : {std::pair{"q_proj", &q_proj}, std::pair{"k_proj", &k_proj}, std::pair{"v_proj", &v_proj},
+                             std::pair{"o_proj", &o_proj}}) {
+    nn::merge_lora(*this, name, *slot);
+  }
 }
 
 // ---- decoder layer
@@ -219,6 +260,38 @@ int64_t LlamaForCausalLMImpl::unquantized_bitlinear_layers() const {
     count += bit != nullptr && !bit->quantized();
   }
   return count;
+}
+
+void LlamaForCausalLMImpl::add_lora(const LoRAConfig& lora_config) {
+  TORCH_CHECK(!lora, "add_lora: the model has adapters already");
+  TORCH_CHECK(config.quantization == "none", "add_lora: a quantized bLLaMA only runs inference; add adapters to its "
+              "full-precision checkpoint");
+  for (at::Tensor& parameter : parameters()) parameter.requires_grad_(false);
+  std::vector<std::string> attention, mlp;
+  for (const std::string& name : lora_config.target_modules) {
+    const bool is_attention = std::find(kAttentionProjections.begin(), kAttentionProjections.end(), name) !=
+                              kAttentionProjections.end();
+    (is_attention ? attention : mlp).push_back(name);
+  }
+  for (const auto& module : *model->layers) {
+    auto& layer = *module->as<LlamaDecoderLayer>();
+    layer.self_attn->add_lora(attention, lora_config.options);
+    if (auto* ffn = layer.mlp.ptr()->as<nn::BlockwiseFeedForward>()) ffn->add_lora(mlp, lora_config.options);
+    if (auto* ffn = layer.mlp.ptr()->as<nn::BitFeedForward>()) ffn->add_lora(mlp, lora_config.options);
+  }
+  lora = lora_config;
+}
+
+void LlamaForCausalLMImpl::merge_lora() {
+  if (!lora) return;
+  TORCH_CHECK(!config.bitlinear, "merge_lora: a bLLaMA's adapters cannot be merged (its BitLinear weights are "
+              "quantized to ternary levels in every forward; W + BA has other levels); keep the adapter beside it");
+  for (const auto& module : *model->layers) {
+    auto& layer = *module->as<LlamaDecoderLayer>();
+    layer.self_attn->merge_lora();
+    layer.mlp.ptr()->as<nn::BlockwiseFeedForward>()->merge_lora();
+  }
+  lora.reset();
 }
 
 void LlamaForCausalLMImpl::reset_parameters() {

@@ -12,6 +12,9 @@
 //
 // With config.bitlinear (bLLaMA, models/bllama) every projection and MLP linear is an
 // nn::BitLinear and the layers have no input_layernorm / post_attention_layernorm.
+//
+// add_lora() freezes the model and puts LoRA adapters (nn::LoRALinear) on the chosen
+// projections of every layer, named as peft names them (...q_proj.lora_A.weight).
 #include <ATen/core/Tensor.h>
 #include <torch/nn/cloneable.h>
 #include <torch/nn/modules/container/any.h>
@@ -22,12 +25,14 @@
 
 #include <functional>
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "csrc/nn/bit_linear.h"
 #include "csrc/nn/blockwise_attention.h"
 #include "csrc/nn/blockwise_feed_forward.h"
 #include "csrc/nn/chunked_lm_head_loss.h"
+#include "csrc/nn/lora_linear.h"
 #include "csrc/nn/rms_norm.h"
 #include "csrc/nn/rotary.h"
 #include "models/llama/config.h"
@@ -44,6 +49,18 @@ struct KVCache {
   int64_t capacity() const { return segment_ids.size(1); }
 };
 
+// LoRA fine-tuning: the adapters' rank, alpha, dropout, and the projections of every layer
+// that get one (peft's target_modules).
+struct LoRAConfig {
+  nn::LoRAOptions options;
+  std::vector<std::string> target_modules;
+};
+
+// The projections `spec` names: "all", "attention" (q_proj, k_proj, v_proj, o_proj), "mlp"
+// (gate_proj, up_proj, down_proj) or a comma-separated list of those names; InputError
+// naming `flag` otherwise.
+std::vector<std::string> lora_target_modules(const std::string& spec, const std::string& flag);
+
 // What every layer needs besides the hidden state: rotary angles and the document mask.
 struct LayerInputs {
   at::Tensor cos, sin;                    // [B, T, head_dim]
@@ -57,6 +74,9 @@ class LlamaAttentionImpl : public torch::nn::Cloneable<LlamaAttentionImpl> {
   void reset() override;
   // x [B, T, hidden] -> [B, T, hidden]; `layer` indexes the cache.
   at::Tensor forward(const at::Tensor& x, const LayerInputs& inputs, int64_t layer);
+  // Adapters on the named ones of q_proj, k_proj, v_proj, o_proj; merge_lora folds them in.
+  void add_lora(const std::vector<std::string>& projections, const nn::LoRAOptions& options);
+  void merge_lora();
 
   LlamaConfig config;
   // torch::nn::Linear, or nn::BitLinear for bLLaMA.
@@ -138,7 +158,15 @@ class LlamaForCausalLMImpl : public torch::nn::Cloneable<LlamaForCausalLMImpl> {
   // The BitLinear layers still in full precision (0 for a LLaMA or a quantized bLLaMA).
   int64_t unquantized_bitlinear_layers() const;
 
+  // Freezes every parameter (requires_grad false) and adds LoRA adapters to the target
+  // projections of every layer; B starts at zero, so the model computes what it did.
+  void add_lora(const LoRAConfig& lora_config);
+  // Adds every adapter's update into its weight and removes the adapters, leaving a plain
+  // LLaMA (frozen still). A bLLaMA's BitLinear weights cannot absorb them: refused.
+  void merge_lora();
+
   LlamaConfig config;
+  std::optional<LoRAConfig> lora;  // set while the model has adapters
   bool init_weights;
   LlamaModel model{nullptr};
   nn::ChunkedLMHeadLoss lm_head{nullptr};
