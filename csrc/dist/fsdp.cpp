@@ -31,6 +31,7 @@ struct Fsdp::Unit {
   Work gather;
   bool gathering = false, is_gathered = false;
   bool kept_for_backward = false;  // stays gathered until finish_backward (root, activations kept)
+  bool trainable = true;           // false: frozen parameters, no gradients
   at::Tensor grad_flat;  // [padded]: the parameters' .grad are views into it while it is set
   at::Tensor reduce_in, reduce_out;
   Work reduce;
@@ -40,54 +41,69 @@ struct Fsdp::Unit {
 Fsdp::Fsdp(const Mesh& mesh, std::vector<NamedParameters> units, FsdpOptions options)
     : mesh_(mesh), options_(options) {
   at::NoGradGuard no_grad;
-  const int64_t ranks = mesh_.fsdp_group.size(), rank = mesh_.fsdp_group.rank();
   std::vector<double> checksums;
-  for (size_t u = 0; u < units.size(); ++u) {
-    auto unit = std::make_unique<Unit>();
-    int64_t total = 0;
-    at::TensorOptions options = at::TensorOptions().dtype(at::kFloat);
-    for (auto& [name, param] : units[u]) {
-      TORCH_CHECK(unit->entries.empty() || param.scalar_type() == unit->dtype, "Fsdp: unit ", u,
-                  " mixes dtypes (", name, ")");
-      unit->dtype = param.scalar_type();
-      options = param.options();
-      Entry entry;
-      entry.name = name;
-      entry.param = param;
-      entry.shape = param.sizes().vec();
-      entry.offset = total;
-      entry.numel = param.numel();
-      entry.unit = u;
-      total += entry.numel;
-      unit->entries.push_back(std::move(entry));
+  for (auto& parameters : units) {
+    // Frozen parameters (requires_grad false: a LoRA base) get a flat buffer of their own,
+    // gathered with the trainable one but never given gradients or reduced.
+    NamedParameters frozen, trainable;
+    for (auto& item : parameters) (item.second.requires_grad() ? trainable : frozen).push_back(std::move(item));
+    std::vector<Unit*> group;
+    for (auto* part : {&trainable, &frozen}) {
+      if (part->empty() && !(part == &frozen && group.empty())) continue;
+      units_.push_back(make_unit(*part, part == &trainable, checksums));
+      group.push_back(units_.back().get());
     }
-    unit->shard_numel = (total + ranks - 1) / ranks;
-    unit->padded = unit->shard_numel * ranks;
-    unit->shard_offset = rank * unit->shard_numel;
-    at::Tensor flat = at::zeros({unit->padded}, options);
-    for (Entry& entry : unit->entries) {
-      flat.narrow(0, entry.offset, entry.numel).copy_(entry.param.detach().reshape({-1}));
-      entry.begin = std::clamp(unit->shard_offset, entry.offset, entry.offset + entry.numel);
-      entry.end = std::clamp(unit->shard_offset + unit->shard_numel, entry.offset, entry.offset + entry.numel);
-      entry.param.set_data(at::empty({0}, flat.options()));
-    }
-    unit->shard = flat.narrow(0, unit->shard_offset, unit->shard_numel).clone();
-    checksums.push_back(flat.sum().item<double>());
-    checksums.push_back(flat.abs().sum().item<double>());
-    units_.push_back(std::move(unit));
+    groups_.push_back(std::move(group));
   }
   // Shards of different weights would train a model no rank holds: refuse that at once.
   TORCH_CHECK(mesh_.world.all_equal(checksums),
               "Fsdp: the ranks hold different weights (seed each rank alike, or load the same checkpoint)");
-  for (const auto& unit : units_) {
-    for (const Entry& entry : unit->entries) {
+  for (size_t u = 0; u < units_.size(); ++u) {
+    Unit& unit = *units_[u];
+    for (Entry& entry : unit.entries) {
+      entry.unit = u;
       by_name_[entry.name] = &entry;
-      if (entry.end > entry.begin) {
-        pieces_.emplace_back(entry.name,
-                             unit->shard.narrow(0, entry.begin - unit->shard_offset, entry.end - entry.begin));
+      if (unit.trainable && entry.end > entry.begin) {
+        pieces_.emplace_back(entry.name, unit.shard.narrow(0, entry.begin - unit.shard_offset, entry.end - entry.begin));
       }
     }
   }
+}
+
+std::unique_ptr<Fsdp::Unit> Fsdp::make_unit(NamedParameters& parameters, bool trainable,
+                                             std::vector<double>& checksums) {
+  const int64_t ranks = mesh_.fsdp_group.size(), rank = mesh_.fsdp_group.rank();
+  auto unit = std::make_unique<Unit>();
+  unit->trainable = trainable;
+  int64_t total = 0;
+  at::TensorOptions options = at::TensorOptions().dtype(at::kFloat);
+  for (auto& [name, param] : parameters) {
+    TORCH_CHECK(unit->entries.empty() || param.scalar_type() == unit->dtype, "Fsdp: a unit mixes dtypes (", name, ")");
+    unit->dtype = param.scalar_type();
+    options = param.options();
+    Entry entry;
+    entry.name = name;
+    entry.param = param;
+    entry.shape = param.sizes().vec();
+    entry.offset = total;
+    entry.numel = param.numel();
+    total += entry.numel;
+    unit->entries.push_back(std::move(entry));
+  }
+  unit->shard_numel = (total + ranks - 1) / ranks;
+  unit->padded = unit->shard_numel * ranks;
+  unit->shard_offset = rank * unit->shard_numel;
+  at::Tensor flat = at::zeros({unit->padded}, options);
+  for (Entry& entry : unit->entries) {
+    flat.narrow(0, entry.offset, entry.numel).copy_(entry.param.detach().reshape({-1}));
+    entry.begin = std::clamp(unit->shard_offset, entry.offset, entry.offset + entry.numel);
+    entry.end = std::clamp(unit->shard_offset + unit->shard_numel, entry.offset, entry.offset + entry.numel);
+    entry.param.set_data(at::empty({0}, flat.options()));
+  }
+  unit->shard = flat.narrow(0, unit->shard_offset, unit->shard_numel).clone();
+  checksums.push_back(flat.sum().item<double>());
+  checksums.push_back(flat.abs().sum().item<double>());
+  return unit;
 }
 
 Fsdp::~Fsdp() = default;
@@ -128,7 +144,9 @@ at::ScalarType Fsdp::reduce_dtype(const Unit& unit) const { return options_.fp32
 void Fsdp::attach_grads(Unit& unit) {
   // Autograd adds into a parameter's existing .grad in place, so gradients land in the flat
   // buffer the reduce-scatter sends, with no copy. (An fp32 reduce of bf16 parameters copies.)
-  if (unit.grad_flat.defined() || reduce_dtype(unit) != unit.dtype || !at::GradMode::is_enabled()) return;
+  if (!unit.trainable || unit.grad_flat.defined() || reduce_dtype(unit) != unit.dtype || !at::GradMode::is_enabled()) {
+    return;
+  }
   unit.grad_flat = at::zeros({unit.padded}, unit.shard.options());
   for (Entry& entry : unit.entries) {
     entry.param.mutable_grad() = unit.grad_flat.narrow(0, entry.offset, entry.numel).view(entry.shape);
@@ -136,6 +154,7 @@ void Fsdp::attach_grads(Unit& unit) {
 }
 
 void Fsdp::start_reduce(Unit& unit) {
+  if (!unit.trainable) return;
   // At most one other reduce in flight: each holds a whole unit's gradients.
   for (auto& other : units_) {
     if (other.get() != &unit) finish_reduce(*other);
@@ -172,11 +191,15 @@ void Fsdp::finish_reduce(Unit& unit) {
 
 std::vector<at::Tensor> Fsdp::run(size_t index, const nn::TensorFn& fn, const std::vector<at::Tensor>& inputs,
                                   bool recompute) {
-  TORCH_CHECK(index >= 1 && index < units_.size(), "Fsdp::run: no unit ", index);
-  Unit& unit = *units_[index];
-  const auto gather_this_and_prefetch = [this, index](int64_t next) {
-    wait_gathered(*units_[index]);
-    if (options_.prefetch && next >= 1 && next < static_cast<int64_t>(units_.size())) start_gather(*units_[next]);
+  TORCH_CHECK(index >= 1 && index < groups_.size(), "Fsdp::run: no unit ", index);
+  const std::vector<Unit*>& group = groups_[index];
+  const auto each = [&group](const std::function<void(Unit&)>& action) {
+    for (Unit* unit : group) action(*unit);
+  };
+  const auto gather_this_and_prefetch = [this, &group](int64_t next) {
+    for (Unit* unit : group) wait_gathered(*unit);
+    if (!options_.prefetch || next < 1 || next >= static_cast<int64_t>(groups_.size())) return;
+    for (Unit* unit : groups_[next]) start_gather(*unit);
   };
   // Without recomputation, or when no input needs a gradient (say, a frozen embedding) and
   // backward reaches the parameters only through the graph fn builds, the unit stays gathered.
@@ -184,30 +207,36 @@ std::vector<at::Tensor> Fsdp::run(size_t index, const nn::TensorFn& fn, const st
       std::any_of(inputs.begin(), inputs.end(), [](const at::Tensor& t) { return t.requires_grad(); });
   if (at::GradMode::is_enabled() && (!recompute || !any_input_grad)) {
     gather_this_and_prefetch(static_cast<int64_t>(index) + 1);
-    attach_grads(unit);
-    unit.kept_for_backward = true;
+    each([this](Unit& unit) {
+      attach_grads(unit);
+      unit.kept_for_backward = true;
+    });
     return fn(inputs);
   }
   nn::CheckpointHooks hooks;
   hooks.before_forward = [gather_this_and_prefetch, index] {
     gather_this_and_prefetch(static_cast<int64_t>(index) + 1);
   };
-  hooks.after_forward = [this, &unit] { free(unit); };
-  hooks.before_recompute = [this, gather_this_and_prefetch, index, &unit] {
+  hooks.after_forward = [this, each] { each([this](Unit& unit) { free(unit); }); };
+  hooks.before_recompute = [this, gather_this_and_prefetch, index, each] {
     gather_this_and_prefetch(static_cast<int64_t>(index) - 1);
-    attach_grads(unit);
+    each([this](Unit& unit) { attach_grads(unit); });
   };
-  hooks.after_backward = [this, &unit] {
-    start_reduce(unit);
-    free(unit);
+  hooks.after_backward = [this, each] {
+    each([this](Unit& unit) {
+      start_reduce(unit);
+      free(unit);
+    });
   };
   return nn::checkpoint(fn, inputs, hooks);
 }
 
 void Fsdp::gather_root() {
-  wait_gathered(*units_[0]);
-  attach_grads(*units_[0]);
-  units_[0]->kept_for_backward = true;
+  for (Unit* unit : groups_[0]) {
+    wait_gathered(*unit);
+    attach_grads(*unit);
+    unit->kept_for_backward = true;
+  }
 }
 
 void Fsdp::finish_backward() {
@@ -257,7 +286,7 @@ int64_t Fsdp::held_bytes() const {
   int64_t bytes = 0;
   for (const auto& unit : units_) {
     const int64_t grad_size = options_.fp32_reduce ? 4 : static_cast<int64_t>(c10::elementSize(unit->dtype));
-    bytes += unit->shard.nbytes() + unit->shard_numel * grad_size;
+    bytes += unit->shard.nbytes() + (unit->trainable ? unit->shard_numel * grad_size : 0);
   }
   return bytes;
 }
@@ -267,6 +296,19 @@ const Fsdp::Entry* Fsdp::find(const std::string& name) const {
   const size_t dot = name.rfind('.');
   if (it == by_name_.end() && dot != std::string::npos) it = by_name_.find(name.substr(0, dot));
   return it == by_name_.end() ? nullptr : it->second;
+}
+
+io::NamedTensors Fsdp::gather_trainable() {
+  io::NamedTensors result;
+  for (const auto& unit : units_) {
+    if (!unit->trainable || unit->entries.empty()) continue;
+    at::Tensor flat = at::empty({unit->padded}, unit->shard.options());
+    mesh_.fsdp_group.all_gather(flat, unit->shard).wait();
+    for (const Entry& entry : unit->entries) {
+      result.emplace_back(entry.name, flat.narrow(0, entry.offset, entry.numel).view(entry.shape));
+    }
+  }
+  return result;
 }
 
 bool Fsdp::assign(const std::string& name, const at::Tensor& whole) {

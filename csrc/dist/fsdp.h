@@ -11,6 +11,9 @@
 //   gradient into the unit's gradient shard (summed over micro-batches). The next unit's
 //   all-gather is started before a unit computes (forward: the one after, backward: the one
 //   before), so communication overlaps compute.
+// - Parameters that do not require grad (a LoRA fine-tune's frozen base) are sharded and
+//   gathered alike, in a flat buffer of their own beside the unit's trainable one; they get no
+//   gradient buffer, no reduce-scatter and no optimizer piece.
 // - With recompute off (remat policy everything_saveable) a unit stays gathered until
 //   finish_backward(), its activations kept, as FSDP's reshard_after_forward=False.
 // - The root unit is gathered on first use in a step and kept until finish_backward() (as
@@ -66,8 +69,9 @@ class Fsdp {
   // Frees every gathered unit (after a forward without backward, such as evaluation).
   void release();
 
-  // This rank's part of each parameter: (name, 1-D view into the shard), for the optimizer.
-  // Parameters with no element on this rank are left out.
+  // This rank's part of each trainable parameter (requires_grad: frozen ones, such as a LoRA
+  // base, are sharded too but never updated): (name, 1-D view into the shard), for the
+  // optimizer. Parameters with no element on this rank are left out.
   const NamedParameters& pieces() const { return pieces_; }
   // Each parameter's whole shape, by name.
   std::map<std::string, std::vector<int64_t>> shapes() const;
@@ -85,6 +89,9 @@ class Fsdp {
   void write_pieces(const std::string& dir, const std::string& kind, const io::NamedTensors& tensors) const;
   // Rank 0 writes dir/shards.json describing the pieces of every parameter.
   void write_index(const std::string& dir, const std::vector<std::string>& kinds) const;
+  // Every trainable parameter whole, gathered from the shards: a collective, every rank of
+  // the fsdp group calls it. For saving what is small, such as LoRA adapters.
+  io::NamedTensors gather_trainable();
   // Copies this rank's piece of `whole` (the whole tensor named `name`, or "<name>.<suffix>")
   // into the shard; false if no parameter has that name.
   bool assign(const std::string& name, const at::Tensor& whole);
@@ -108,7 +115,12 @@ class Fsdp {
 
   Mesh mesh_;
   FsdpOptions options_;
+  std::unique_ptr<Unit> make_unit(NamedParameters& parameters, bool trainable, std::vector<double>& checksums);
+
   std::vector<std::unique_ptr<Unit>> units_;
+  // The units of each unit index run() and the callers know: the trainable parameters' unit,
+  // and the frozen parameters' if there are any.
+  std::vector<std::vector<Unit*>> groups_;
   NamedParameters pieces_;
   std::map<std::string, const Entry*> by_name_;
   int64_t communicated_bytes_ = 0;
