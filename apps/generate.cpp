@@ -1,4 +1,4 @@
-// bpt-generate: text from a LLaMA checkpoint (Hugging Face or bpt layout) with a KV cache,
+// bpt-generate: text from a LLaMA checkpoint (Hugging Face or bpt layout, or a LoRA adapter) with a KV cache,
 // greedy or sampled, printed as it is produced.
 //
 //   bpt-generate --model ckpt/tiny --prompt "Once upon a time" --max_new_tokens 64
@@ -14,7 +14,7 @@
 #include "apps/app.h"
 #include "csrc/data/tokenizer.h"
 #include "csrc/generate/generate.h"
-#include "csrc/io/hf_checkpoint.h"
+#include "csrc/io/lora_adapter.h"
 
 namespace {
 
@@ -64,7 +64,9 @@ int generate(int argc, char** argv) {
   bool use_cache = true, add_bos = true;
   int64_t max_len = 0;
   options.sampling.top_k = 50;  // transformers' default
-  app.add_option("--model", model_dir, "Checkpoint directory (Hugging Face or bpt layout)")->required();
+  app.add_option("--model", model_dir,
+                 "Checkpoint directory (Hugging Face or bpt layout, or a LoRA adapter over its base)")
+      ->required();
   app.add_option("--tokenizer", tokenizer_path, "SentencePiece model (default: <model>/tokenizer.model)");
   app.add_option("--prompt", prompts, "A prompt; repeat the flag for several");
   app.add_option("--prompt_file", prompt_file, "A file of prompts, one per line");
@@ -93,10 +95,6 @@ int generate(int argc, char** argv) {
   app.footer(bpt::app::llama_fields_help(bpt::models::llama::LlamaConfig{}));
   if (const int code = bpt::app::parse(app, argc, argv); code >= 0) return code;
 
-  bpt::models::llama::LlamaConfig config = bpt::io::read_llama_config(model_dir);
-  bpt::app::apply_llama_overrides(app, app.remaining(), config);
-  if (!dtype.empty()) config.dtype = bpt::models::llama::parse_dtype(dtype, "--dtype");
-  config.validate();
   if (!prompt_file.empty()) {
     for (std::string& prompt : read_prompts(prompt_file)) prompts.push_back(std::move(prompt));
   }
@@ -104,13 +102,14 @@ int generate(int argc, char** argv) {
   if (max_len < 0) bpt::throw_input_error("--max_len: expected >= 0 (0: off), got {}", max_len);
   if (tokenizer_path.empty()) tokenizer_path = model_dir + "/tokenizer.model";
   const bpt::data::Tokenizer tokenizer(tokenizer_path);
-  tokenizer.check_fits(config.vocab_size);
-  options.eos_ids = config.eos_token_ids;
+  const bpt::models::llama::LlamaForCausalLM model =
+      bpt::io::load_llama_model(model_dir, [&](bpt::models::llama::LlamaConfig& config) {
+        bpt::app::apply_llama_overrides(app, app.remaining(), config);
+        if (!dtype.empty()) config.dtype = bpt::models::llama::parse_dtype(dtype, "--dtype");
+      });
+  tokenizer.check_fits(model->config.vocab_size);
+  options.eos_ids = model->config.eos_token_ids;
   options.sampling.vocab_limit = tokenizer.vocab_size();
-
-  bpt::models::llama::LlamaForCausalLM model(config, /*init_weights=*/false);
-  bpt::io::load_llama_weights(*model, model_dir);
-  model->eval();
   if (const int64_t layers = model->unquantized_bitlinear_layers(); layers > 0) {
     std::fprintf(stderr, "bpt-generate: warning: %lld BitLinear layers are not quantized: inference runs the "
                  "fake-quantized full-precision weights (bpt-convert --quantize ternary packs them)\n",

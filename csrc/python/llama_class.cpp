@@ -6,6 +6,7 @@
 
 #include "csrc/generate/generate.h"
 #include "csrc/io/hf_checkpoint.h"
+#include "csrc/io/lora_adapter.h"
 #include "models/llama/llama.h"
 
 namespace bpt::python {
@@ -15,15 +16,18 @@ using models::llama::LlamaConfig;
 using models::llama::LlamaForCausalLM;
 
 struct Llama : torch::CustomClassHolder {
-  // `source`: a checkpoint directory (config.json + safetensors), or "preset:<name>" for a
-  // freshly initialised model (seeded by torch.manual_seed). `overrides`: "field=value,...".
+  // `source`: a checkpoint directory (config.json + safetensors, or a LoRA adapter directory
+  // over its base), or "preset:<name>" for a freshly initialised model (seeded by
+  // torch.manual_seed). `overrides`: "field=value,...".
   Llama(const std::string& source, const std::string& overrides) : model(nullptr) {
-    const bool preset = source.rfind("preset:", 0) == 0;
-    LlamaConfig config = preset ? models::llama::preset(source.substr(7)) : io::read_llama_config(source);
-    config.update(overrides);
-    config.validate();
-    model = LlamaForCausalLM(config, /*init_weights=*/preset);
-    if (!preset) io::load_llama_weights(*model, source);
+    if (source.rfind("preset:", 0) == 0) {
+      LlamaConfig config = models::llama::preset(source.substr(7));
+      config.update(overrides);
+      config.validate();
+      model = LlamaForCausalLM(config);
+    } else {
+      model = io::load_llama_model(source, [&](LlamaConfig& config) { config.update(overrides); });
+    }
   }
 
   at::Tensor logits(const at::Tensor& input_ids, const std::optional<at::Tensor>& segment_ids) {
