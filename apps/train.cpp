@@ -9,6 +9,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <optional>
 #include <nlohmann/json.hpp>
 
 #include "apps/app.h"
@@ -16,6 +17,7 @@
 #include "csrc/data/tokenizer.h"
 #include "csrc/io/flags.h"
 #include "csrc/io/hf_checkpoint.h"
+#include "csrc/io/lora_adapter.h"
 #include "csrc/train/config.h"
 #include "csrc/train/llama_module.h"
 #include "csrc/train/trainer.h"
@@ -25,8 +27,34 @@ namespace {
 using bpt::throw_input_error;
 namespace fs = std::filesystem;
 
-bpt::models::llama::LlamaConfig model_config(const bpt::train::TrainConfig& c) {
-  const std::string& source = c.load_llama_config;
+// --load_checkpoint split into its kind (params, trainstate, hf) and directory.
+struct CheckpointSource {
+  std::string kind, dir;
+};
+
+CheckpointSource parse_load_checkpoint(const std::string& flag) {
+  if (flag.empty()) return {};
+  const size_t sep = flag.find("::");
+  CheckpointSource source{sep == std::string::npos ? "" : flag.substr(0, sep),
+                          sep == std::string::npos ? "" : flag.substr(sep + 2)};
+  if ((source.kind != "params" && source.kind != "trainstate" && source.kind != "hf") || source.dir.empty()) {
+    throw_input_error("--load_checkpoint: expected params::DIR, trainstate::DIR or hf::DIR, got '{}'", flag);
+  }
+  return source;
+}
+
+// The directory holding the weights a run starts from: a LoRA checkpoint's base (named in its
+// adapter_config.json) when resuming one with trainstate::, else the checkpoint itself.
+std::string weights_dir(const CheckpointSource& checkpoint) {
+  if (checkpoint.kind == "trainstate" && bpt::io::is_lora_adapter(checkpoint.dir)) {
+    return bpt::io::read_adapter_config(checkpoint.dir).base_model;
+  }
+  return checkpoint.dir;
+}
+
+bpt::models::llama::LlamaConfig model_config(const bpt::train::TrainConfig& c, const CheckpointSource& checkpoint) {
+  const std::string source =
+      !c.load_llama_config.empty() ? c.load_llama_config : checkpoint.dir.empty() ? "tiny" : weights_dir(checkpoint);
   bpt::models::llama::LlamaConfig config =
       fs::is_directory(source) ? bpt::io::read_llama_config(source) : bpt::models::llama::preset(source);
   try {
@@ -50,6 +78,26 @@ bpt::models::llama::LlamaConfig model_config(const bpt::train::TrainConfig& c) {
   }
   config.validate();
   return config;
+}
+
+// --finetune.*: the adapters of a LoRA run, or nullopt for full training.
+std::optional<bpt::models::llama::LoRAConfig> lora_config(const bpt::train::FinetuneConfig& f,
+                                                          const CheckpointSource& checkpoint) {
+  if (f.mode == "full") return std::nullopt;
+  if (f.mode != "lora") throw_input_error("--finetune.mode: expected full or lora, got '{}'", f.mode);
+  if (checkpoint.kind.empty()) {
+    throw_input_error("--finetune.mode=lora: adapters train on a frozen base model; give it with "
+                      "--load_checkpoint=hf::DIR (or params::DIR)");
+  }
+  if (f.lora_rank < 1) throw_input_error("--finetune.lora_rank: expected >= 1, got {}", f.lora_rank);
+  if (!(f.lora_alpha > 0)) throw_input_error("--finetune.lora_alpha: expected > 0, got {}", f.lora_alpha);
+  if (!(f.lora_dropout >= 0 && f.lora_dropout < 1)) {
+    throw_input_error("--finetune.lora_dropout: expected a value in [0, 1), got {}", f.lora_dropout);
+  }
+  bpt::models::llama::LoRAConfig lora;
+  lora.options.rank(f.lora_rank).alpha(f.lora_alpha).dropout(f.lora_dropout);
+  lora.target_modules = bpt::models::llama::lora_target_modules(f.lora_target, "--finetune.lora_target");
+  return lora;
 }
 
 std::unique_ptr<bpt::data::DataLoader> make_json_loader(const bpt::train::DatasetConfig& d, const std::string& flag,
@@ -98,7 +146,9 @@ int train(int argc, char** argv) {
     return 0;
   }
 
-  const bpt::models::llama::LlamaConfig llama = model_config(config);
+  const CheckpointSource checkpoint = parse_load_checkpoint(config.load_checkpoint);
+  const bpt::models::llama::LlamaConfig llama = model_config(config, checkpoint);
+  const std::optional<bpt::models::llama::LoRAConfig> lora = lora_config(config.finetune, checkpoint);
   if (config.dist_timeout_s < 1) throw_input_error("--dist_timeout: expected >= 1 second, got {}", config.dist_timeout_s);
   const bpt::dist::LaunchEnv launch = bpt::dist::launch_env();
   // The batch is global: each rank takes batch_size / ranks rows of it.
@@ -126,22 +176,16 @@ int train(int argc, char** argv) {
                             static_cast<uint64_t>(config.seed) + 1);
   }
 
-  // load_checkpoint: params::DIR or hf::DIR (weights), trainstate::DIR (everything).
-  std::string kind, checkpoint_dir;
-  if (!config.load_checkpoint.empty()) {
-    const size_t sep = config.load_checkpoint.find("::");
-    kind = sep == std::string::npos ? "" : config.load_checkpoint.substr(0, sep);
-    checkpoint_dir = sep == std::string::npos ? "" : config.load_checkpoint.substr(sep + 2);
-    if (kind != "params" && kind != "trainstate" && kind != "hf") {
-      throw_input_error("--load_checkpoint: expected params::DIR, trainstate::DIR or hf::DIR, got '{}'",
-                        config.load_checkpoint);
-    }
-  }
+  // load_checkpoint: params::DIR or hf::DIR (weights), trainstate::DIR (everything; the
+  // trainer loads it). A LoRA run's base weights always come from a directory.
   at::manual_seed(static_cast<uint64_t>(config.seed));
-  bpt::models::llama::LlamaForCausalLM model(llama, /*init_weights=*/kind.empty());
-  if (kind == "params" || kind == "hf") bpt::io::load_llama_weights(*model, checkpoint_dir);
+  const bool load_base = checkpoint.kind == "params" || checkpoint.kind == "hf" || lora.has_value();
+  bpt::models::llama::LlamaForCausalLM model(llama, /*init_weights=*/checkpoint.kind.empty());
+  if (load_base) bpt::io::load_llama_weights(*model, weights_dir(checkpoint));
+  if (lora) model->add_lora(*lora);
   bpt::train::LlamaModule module(model, bpt::train::parse_remat_policy(llama.remat_policy));
   module.tokenizer_file = config.tokenizer_vocab_file;
+  if (lora) module.lora_base = fs::absolute(weights_dir(checkpoint)).lexically_normal().string();
   if (mesh.distributed()) module.shard(mesh, config.fsdp);
 
   if (!config.load_dataset_state.empty()) {
@@ -155,7 +199,7 @@ int train(int argc, char** argv) {
   }
 
   bpt::train::TrainerOptions options = config.trainer;
-  options.resume_from = kind == "trainstate" ? checkpoint_dir : "";
+  options.resume_from = checkpoint.kind == "trainstate" ? checkpoint.dir : "";
   options.seq_length = config.train_dataset.seq_length;
   options.run_config = flags.values();
   for (const auto& [field, value] : config.llama_overrides) options.run_config.emplace_back("llama." + field, value);

@@ -24,8 +24,8 @@ void register_dataset(DatasetConfig& d, const std::string& prefix, io::FlagSet& 
 void register_flags(TrainConfig& c, io::FlagSet& flags) {
   flags.add("model", "llama, or bllama: LLaMA with BitNet b1.58 BitLinear layers (any preset; bllama-1.7b is "
             "the seed's size)", &c.model);
-  flags.add("load_llama_config", "model preset (tiny, 1b, 7b, llama2-7b, llama3-8b, ...) or a directory with config.json",
-            &c.load_llama_config);
+  flags.add("load_llama_config", "model preset (tiny, 1b, 7b, llama2-7b, llama3-8b, ...) or a directory with "
+            "config.json; empty: load_checkpoint's config.json, or tiny without one", &c.load_llama_config);
   flags.add("update_llama_config", "config overrides: field=value,field=value", &c.update_llama_config);
   flags.add("dtype", "parameter and compute dtype: float32, bf16 (fp32 master weights) or fp16", &c.dtype);
   flags.add("total_steps", "optimizer updates to train for", &c.trainer.total_steps);
@@ -38,6 +38,13 @@ void register_flags(TrainConfig& c, io::FlagSet& flags) {
   flags.add("eval_steps", "batches per evaluation", &c.trainer.eval_steps);
   flags.add("load_checkpoint", "params::DIR (weights), trainstate::DIR (weights, optimizer, step, data) or hf::DIR",
             &c.load_checkpoint);
+  flags.add("finetune.mode", "full (every parameter trains) or lora (adapters on the frozen load_checkpoint model; "
+            "checkpoints are peft adapter directories)", &c.finetune.mode);
+  flags.add("finetune.lora_rank", "LoRA rank r", &c.finetune.lora_rank);
+  flags.add("finetune.lora_alpha", "LoRA alpha: the update is scaled by alpha / r", &c.finetune.lora_alpha);
+  flags.add("finetune.lora_dropout", "dropout on the adapters' input", &c.finetune.lora_dropout);
+  flags.add("finetune.lora_target", "projections with adapters: all, attention, mlp, or names (q_proj,v_proj,...)",
+            &c.finetune.lora_target);
   flags.add("load_dataset_state", "a trainer_state.json whose data position to start from", &c.load_dataset_state);
   flags.add("tokenizer.vocab_file", "SentencePiece tokenizer.model (json datasets)", &c.tokenizer_vocab_file);
   flags.add("optimizer.type", "adamw (the only one)", &c.optimizer_type);

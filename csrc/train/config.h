@@ -22,9 +22,18 @@ struct DatasetConfig {
   bool shuffle = true;
 };
 
+// Fine-tuning: every parameter (full), or LoRA adapters on a frozen base (csrc/nn/lora_linear.h).
+struct FinetuneConfig {
+  std::string mode = "full";  // full or lora
+  int64_t lora_rank = 32;
+  double lora_alpha = 32, lora_dropout = 0;
+  std::string lora_target = "all";  // all, attention, mlp, or projection names (q_proj,v_proj)
+};
+
 struct TrainConfig {
-  std::string model = "llama";              // llama, or bllama (BitLinear layers: models/bllama)
-  std::string load_llama_config = "tiny";  // a preset, or a directory holding config.json
+  std::string model = "llama";   // llama, or bllama (BitLinear layers: models/bllama)
+  std::string load_llama_config;  // a preset or a directory holding config.json; empty: the
+                                  // checkpoint's config.json with load_checkpoint, else tiny
   std::string update_llama_config;          // "field=value,..."
   std::vector<std::pair<std::string, std::string>> llama_overrides;  // --llama.<field>, in order
   std::string dtype = "float32";
@@ -32,6 +41,7 @@ struct TrainConfig {
   // Steps, logging, saving, evaluation, resuming, output_dir, progress (the trainer's own).
   TrainerOptions trainer;
   std::string load_checkpoint;  // "params::DIR", "trainstate::DIR" or "hf::DIR"
+  FinetuneConfig finetune;
   std::string load_dataset_state;
   std::string tokenizer_vocab_file;
 

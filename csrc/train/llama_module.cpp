@@ -4,7 +4,9 @@
 
 #include <filesystem>
 
+#include "csrc/common/error.h"
 #include "csrc/io/hf_checkpoint.h"
+#include "csrc/io/lora_adapter.h"
 #include "csrc/io/sharded_checkpoint.h"
 
 namespace bpt::train {
@@ -62,14 +64,27 @@ void LlamaModule::finish_backward() {
 std::vector<std::pair<std::string, at::Tensor>> LlamaModule::named_parameters() {
   if (fsdp_) return fsdp_->pieces();
   std::vector<std::pair<std::string, at::Tensor>> result;
-  for (const auto& item : model->named_parameters()) result.emplace_back(item.key(), item.value());
+  for (const auto& item : model->named_parameters()) {
+    if (item.value().requires_grad()) result.emplace_back(item.key(), item.value());  // not a frozen LoRA base
+  }
   return result;
 }
 
-int64_t LlamaModule::held_bytes() { return fsdp_ ? fsdp_->held_bytes() : TrainModule::held_bytes(); }
+int64_t LlamaModule::held_bytes() {
+  if (fsdp_) return fsdp_->held_bytes();
+  int64_t bytes = 0;
+  for (const at::Tensor& parameter : model->parameters()) {
+    bytes += parameter.nbytes() * (parameter.requires_grad() ? 2 : 1);  // and a gradient if it trains
+  }
+  return bytes;
+}
 
 void LlamaModule::save(const std::string& dir) const {
-  if (fsdp_) {
+  if (model->lora) {
+    // An adapter directory: the adapters whole (gathered from the shards under FSDP).
+    const io::NamedTensors tensors = fsdp_ ? fsdp_->gather_trainable() : io::adapter_tensors(*model);
+    if (!fsdp_ || fsdp_->mesh().rank() == 0) io::write_adapter({*model->lora, lora_base}, tensors, dir);
+  } else if (fsdp_) {
     fsdp_->write_pieces(dir, "model", fsdp_->pieces());
     fsdp_->write_index(dir, {"model"});
     if (fsdp_->mesh().rank() == 0) io::write_llama_config(model->config, dir);
@@ -82,6 +97,21 @@ void LlamaModule::save(const std::string& dir) const {
 }
 
 void LlamaModule::load(const std::string& dir) {
+  if (model->lora) {
+    if (!io::is_lora_adapter(dir)) {
+      throw_input_error("{}: not a LoRA adapter directory (no adapter_config.json), which a LoRA run resumes from",
+                        dir);
+    }
+    if (!fsdp_) return io::load_adapter_weights(*model, dir);
+    io::read_adapter_weights(dir, fsdp_->shapes(), [&](const std::string& name, const at::Tensor& whole) {
+      TORCH_CHECK(fsdp_->assign(name, whole), "LlamaModule::load: no sharded parameter ", name);
+    });
+    return;
+  }
+  if (io::is_lora_adapter(dir)) {
+    throw_input_error("{}: a LoRA adapter checkpoint; continue it with --finetune.mode=lora and its base in "
+                      "--load_checkpoint", dir);
+  }
   if (!fsdp_) {
     io::load_llama_weights(*model, dir);
     return;
@@ -96,7 +126,9 @@ void LlamaModule::load(const std::string& dir) {
 void LlamaModule::save_optimizer(const std::string& dir, const AdamW& optimizer) const {
   if (!fsdp_) return TrainModule::save_optimizer(dir, optimizer);
   fsdp_->write_pieces(dir, "optimizer", optimizer.state());
-  fsdp_->write_index(dir, {"model", "optimizer"});
+  // A LoRA checkpoint keeps its adapters whole (save()): only the optimizer state is in pieces.
+  fsdp_->write_index(dir, model->lora ? std::vector<std::string>{"optimizer"}
+                                      : std::vector<std::string>{"model", "optimizer"});
 }
 
 bool LlamaModule::load_optimizer(const std::string& dir, AdamW& optimizer) {

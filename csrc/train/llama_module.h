@@ -3,6 +3,10 @@
 // saved in Hugging Face's layout (config.json + safetensors), so every checkpoint loads in
 // transformers and bpt-generate.
 //
+// A model with LoRA adapters (LlamaForCausalLMImpl::add_lora) trains only those: its
+// checkpoints are peft adapter directories (csrc/io/lora_adapter.h) naming `lora_base`, the
+// frozen base's directory, which is read again on resume.
+//
 // shard() puts it under FSDP (csrc/dist/fsdp.h): one unit per decoder layer, and a root unit
 // for the embeddings, final norm and head. Its checkpoints are then sharded
 // (csrc/io/sharded_checkpoint.h); every world size, 1 included, loads both kinds.
@@ -42,6 +46,7 @@ class LlamaModule : public TrainModule {
 
   models::llama::LlamaForCausalLM model;
   std::string tokenizer_file;  // copied into each checkpoint as tokenizer.model, if set
+  std::string lora_base;       // with adapters: the base model's directory, for adapter_config.json
 
  private:
   RematPolicy remat_;
