@@ -2,7 +2,15 @@
 // Turns a JSON document into tokens and a loss mask, as llamabpt's (EasyLM's) TextProcessor:
 // `fields` is a comma-separated list; "a+b" joins fields a and b with a space; a field in
 // brackets, "[prompt]", is in the input but carries no loss; "<|bos|>" and "<|eos|>" insert
-// those tokens. BOS starts the document (no loss) and EOS ends it (with loss).
+// those tokens. BOS starts the document (no loss) and EOS ends it (with loss), unless it ends
+// with one already.
+//
+// A field holding a chat, a list of {"role": "system" | "user" | "assistant", "content": str}
+// (an optional system message first, then user and assistant turns alternating), is laid out
+// in LLaMA-2's chat template; only the assistant's words and the EOS after each answer carry
+// loss:
+//
+//   [INST] <<SYS>>\n{system}\n<</SYS>>\n\n{user} [/INST] {assistant} EOS BOS [INST] {user} [/INST] ...
 #include <nlohmann/json_fwd.hpp>
 
 #include <cstdint>
@@ -32,6 +40,9 @@ class TextProcessor {
     bool loss = true;
     int64_t special = -1;  // BOS/EOS id for <|bos|>, <|eos|>
   };
+  // Appends `chat` (a field's list of messages) to `doc`.
+  void append_chat(const nlohmann::json& chat, bool loss, const std::string& where, TokenizedDocument& doc) const;
+
   const Tokenizer& tokenizer_;
   std::vector<Field> fields_;
   bool add_bos_, add_eos_;

@@ -73,6 +73,38 @@ TEST_CASE("the text processor follows llamabpt's field syntax", "[data]") {
   REQUIRE_THROWS_WITH(plain({{"response", 3}}, "data.jsonl:8"), Contains("data.jsonl:8: field 'response' is number"));
 }
 
+TEST_CASE("a chat field follows LLaMA-2's template, loss on the answers and their EOS only", "[data]") {
+  const auto& tok = tokenizer();
+  const nlohmann::json doc = {{"messages",
+                               {{{"role", "system"}, {"content", "Be brief."}},
+                                {{"role", "user"}, {"content", "Name a licence."}},
+                                {{"role", "assistant"}, {"content", "GPL"}},
+                                {{"role", "user"}, {"content", "Another?"}},
+                                {{"role", "assistant"}, {"content", "LGPL"}}}}};
+  const bpt::data::TextProcessor chat(tok, "messages");
+  const auto out = chat(doc, "chat.jsonl:1");
+  // BOS [INST] <<SYS>>..<</SYS>> user [/INST] answer EOS BOS [INST] user [/INST] answer EOS: no second EOS.
+  const auto first = tok.encode("[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nName a licence. [/INST]", false);
+  const auto second = tok.encode("[INST] Another? [/INST]", false);
+  const auto gpl = tok.encode("GPL", false), lgpl = tok.encode("LGPL", false);
+  std::vector<int64_t> want = concat(concat({tok.bos_id()}, first), concat(gpl, {tok.eos_id(), tok.bos_id()}));
+  want = concat(concat(want, second), concat(lgpl, {tok.eos_id()}));
+  REQUIRE(out.tokens == want);
+  std::vector<uint8_t> mask(want.size(), 0);
+  const size_t answer1 = 1 + first.size(), answer2 = answer1 + gpl.size() + 2 + second.size();
+  for (size_t i = answer1; i <= answer1 + gpl.size(); ++i) mask[i] = 1;  // the answer and its EOS
+  for (size_t i = answer2; i <= answer2 + lgpl.size(); ++i) mask[i] = 1;
+  REQUIRE(out.loss_mask == mask);
+
+  const auto bad = [&](const nlohmann::json& messages) { return chat({{"messages", messages}}, "chat.jsonl:4"); };
+  REQUIRE_THROWS_WITH(bad({{{"role", "assistant"}, {"content", "x"}}}),
+                      Contains("chat.jsonl:4: field 'messages': message 0 has role 'assistant', expected system or user"));
+  REQUIRE_THROWS_WITH(bad({{{"role", "user"}, {"content", "x"}}, {{"role", "user"}, {"content", "y"}}}),
+                      Contains("message 1 has role 'user', expected assistant"));
+  REQUIRE_THROWS_WITH(bad({{{"role", "user"}}}), Contains("message 0: expected {\"role\": str, \"content\": str}"));
+  REQUIRE_THROWS_WITH(bad(nlohmann::json::array()), Contains("a chat needs at least one user message"));
+}
+
 TEST_CASE("a malformed JSONL line is named by file and line", "[data]") {
   const fs::path dir = scratch("jsonl");
   const fs::path path = write_jsonl(dir / "d.jsonl", {R"({"text": "a"})", "", R"({"text": "b"})", R"({"text": )"});
