@@ -14,8 +14,9 @@ DEBS=(build-essential cmake ninja-build ccache pkg-config
 # Pinned exactly: a range would pull a multi-GB CUDA build of torch.
 TORCH_SPEC="torch==2.13.0"
 # transformers: the reference the LLaMA tests compare against (it brings safetensors).
+# peft: the reference the LoRA adapter export is loaded by (tests/python/test_finetune.py).
 # matplotlib: tools/plot_metrics.py.
-PY_PKGS=(numpy pytest transformers==5.24.0 matplotlib)
+PY_PKGS=(numpy pytest transformers==5.24.0 peft==0.21.2 matplotlib)
 
 missing=()
 for p in "${DEBS[@]}"; do
