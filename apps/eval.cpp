@@ -44,7 +44,7 @@ int evaluate(int argc, char** argv) {
       ->required()
       ->check(CLI::IsMember({"perplexity", "multiple_choice", "last_word"}));
   app.add_option("--data", data_path, "JSONL file of records (formats: docs/eval.md)")->required();
-  app.add_option("--tokenizer", tokenizer_path, "SentencePiece model (default: <model>/tokenizer.model)");
+  app.add_option("--tokenizer", tokenizer_path, "SentencePiece model (default: <model>/tokenizer.model, or an adapter's base's)");
   app.add_option("--field", field, "perplexity: the field holding the text")->capture_default_str();
   app.add_option("--max_examples", max_examples, "Evaluate the first N records (0: all)")->capture_default_str();
   app.add_option("--max_seq_len", max_seq_len,
@@ -73,7 +73,7 @@ int evaluate(int argc, char** argv) {
     bpt::app::apply_llama_overrides(app, app.remaining(), config);
     if (!dtype.empty()) config.dtype = bpt::models::llama::parse_dtype(dtype, "--dtype");
   });
-  if (tokenizer_path.empty()) tokenizer_path = model_dir + "/tokenizer.model";
+  if (tokenizer_path.empty()) tokenizer_path = bpt::io::default_tokenizer(model_dir);
   const bpt::data::Tokenizer tokenizer(tokenizer_path);
   tokenizer.check_fits(model->config.vocab_size);
   options.max_seq_len = max_seq_len != 0 ? max_seq_len : model->config.max_sequence_length;
@@ -81,13 +81,16 @@ int evaluate(int argc, char** argv) {
   nlohmann::ordered_json metrics, examples;
   if (task == "perplexity") {
     const auto result = bpt::eval::perplexity(*model, tokenizer, records, field, options);
-    metrics = bpt::eval::metrics_json(result), examples = bpt::eval::details_json(result);
+    metrics = bpt::eval::metrics_json(result);
+    examples = bpt::eval::details_json(result);
   } else if (task == "multiple_choice") {
     const auto result = bpt::eval::multiple_choice(*model, tokenizer, records, options);
-    metrics = bpt::eval::metrics_json(result), examples = bpt::eval::details_json(result);
+    metrics = bpt::eval::metrics_json(result);
+    examples = bpt::eval::details_json(result);
   } else {
     const auto result = bpt::eval::last_word(*model, tokenizer, records, options);
-    metrics = bpt::eval::metrics_json(result), examples = bpt::eval::details_json(result);
+    metrics = bpt::eval::metrics_json(result);
+    examples = bpt::eval::details_json(result);
   }
 
   print_table(task, data_path, metrics);

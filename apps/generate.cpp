@@ -67,7 +67,7 @@ int generate(int argc, char** argv) {
   app.add_option("--model", model_dir,
                  "Checkpoint directory (Hugging Face or bpt layout, or a LoRA adapter over its base)")
       ->required();
-  app.add_option("--tokenizer", tokenizer_path, "SentencePiece model (default: <model>/tokenizer.model)");
+  app.add_option("--tokenizer", tokenizer_path, "SentencePiece model (default: <model>/tokenizer.model, or an adapter's base's)");
   app.add_option("--prompt", prompts, "A prompt; repeat the flag for several");
   app.add_option("--prompt_file", prompt_file, "A file of prompts, one per line");
   app.add_option("--max_new_tokens", options.max_new_tokens, "Tokens to generate per prompt")->capture_default_str();
@@ -100,7 +100,7 @@ int generate(int argc, char** argv) {
   }
   if (prompts.empty()) throw InputError("no prompt: give --prompt TEXT or --prompt_file FILE");
   if (max_len < 0) bpt::throw_input_error("--max_len: expected >= 0 (0: off), got {}", max_len);
-  if (tokenizer_path.empty()) tokenizer_path = model_dir + "/tokenizer.model";
+  if (tokenizer_path.empty()) tokenizer_path = bpt::io::default_tokenizer(model_dir);
   const bpt::data::Tokenizer tokenizer(tokenizer_path);
   const bpt::models::llama::LlamaForCausalLM model =
       bpt::io::load_llama_model(model_dir, [&](bpt::models::llama::LlamaConfig& config) {

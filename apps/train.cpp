@@ -47,14 +47,13 @@ CheckpointSource parse_load_checkpoint(const std::string& flag) {
 // adapter_config.json) when resuming one with trainstate::, else the checkpoint itself.
 std::string weights_dir(const CheckpointSource& checkpoint) {
   if (checkpoint.kind == "trainstate" && bpt::io::is_lora_adapter(checkpoint.dir)) {
-    return bpt::io::read_adapter_config(checkpoint.dir).base_model;
+    return bpt::io::adapter_base(checkpoint.dir);
   }
   return checkpoint.dir;
 }
 
-bpt::models::llama::LlamaConfig model_config(const bpt::train::TrainConfig& c, const CheckpointSource& checkpoint) {
-  const std::string source =
-      !c.load_llama_config.empty() ? c.load_llama_config : checkpoint.dir.empty() ? "tiny" : weights_dir(checkpoint);
+bpt::models::llama::LlamaConfig model_config(const bpt::train::TrainConfig& c, const std::string& weights) {
+  const std::string source = !c.load_llama_config.empty() ? c.load_llama_config : weights.empty() ? "tiny" : weights;
   bpt::models::llama::LlamaConfig config =
       fs::is_directory(source) ? bpt::io::read_llama_config(source) : bpt::models::llama::preset(source);
   try {
@@ -147,7 +146,8 @@ int train(int argc, char** argv) {
   }
 
   const CheckpointSource checkpoint = parse_load_checkpoint(config.load_checkpoint);
-  const bpt::models::llama::LlamaConfig llama = model_config(config, checkpoint);
+  const std::string weights = weights_dir(checkpoint);
+  const bpt::models::llama::LlamaConfig llama = model_config(config, weights);
   const std::optional<bpt::models::llama::LoRAConfig> lora = lora_config(config.finetune, checkpoint);
   if (config.dist_timeout_s < 1) throw_input_error("--dist_timeout: expected >= 1 second, got {}", config.dist_timeout_s);
   const bpt::dist::LaunchEnv launch = bpt::dist::launch_env();
@@ -181,11 +181,11 @@ int train(int argc, char** argv) {
   at::manual_seed(static_cast<uint64_t>(config.seed));
   const bool load_base = checkpoint.kind == "params" || checkpoint.kind == "hf" || lora.has_value();
   bpt::models::llama::LlamaForCausalLM model(llama, /*init_weights=*/checkpoint.kind.empty());
-  if (load_base) bpt::io::load_llama_weights(*model, weights_dir(checkpoint));
+  if (load_base) bpt::io::load_llama_weights(*model, weights);
   if (lora) model->add_lora(*lora);
   bpt::train::LlamaModule module(model, bpt::train::parse_remat_policy(llama.remat_policy));
   module.tokenizer_file = config.tokenizer_vocab_file;
-  if (lora) module.lora_base = fs::absolute(weights_dir(checkpoint)).lexically_normal().string();
+  if (lora) module.lora_base = fs::absolute(weights).lexically_normal().string();
   if (mesh.distributed()) module.shard(mesh, config.fsdp);
 
   if (!config.load_dataset_state.empty()) {

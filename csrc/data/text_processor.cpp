@@ -40,15 +40,21 @@ TextProcessor::TextProcessor(const Tokenizer& tokenizer, const std::string& fiel
 
 TokenizedDocument TextProcessor::operator()(const nlohmann::json& document, const std::string& where) const {
   TokenizedDocument doc;
-  const auto append = [&doc](int64_t token, bool loss) { push(doc, token, loss); };
-  if (add_bos_ && tokenizer_.bos_id() >= 0) append(tokenizer_.bos_id(), false);
+  if (add_bos_ && tokenizer_.bos_id() >= 0) push(doc, tokenizer_.bos_id(), false);
   for (const Field& field : fields_) {
     if (field.special >= 0) {
-      append(field.special, field.loss);
+      push(doc, field.special, field.loss);
       continue;
     }
     if (field.names.size() == 1 && document.contains(field.names[0]) && document.at(field.names[0]).is_array()) {
-      append_chat(document.at(field.names[0]), field.loss, fmt::format("{}: field '{}'", where, field.names[0]), doc);
+      const std::string chat_where = fmt::format("{}: field '{}'", where, field.names[0]);
+      const bool answered = append_chat(document.at(field.names[0]), field.loss, chat_where, doc);
+      // A last question with no answer after it would train an EOS straight after [/INST].
+      if (!answered && &field == &fields_.back()) {
+        throw_input_error("{}: the chat ends with a user message and no later field answers it (end it with the "
+                          "assistant's answer, or give the answer in a field after it: '[messages],response')",
+                          chat_where);
+      }
       continue;
     }
     std::string text;
@@ -62,24 +68,23 @@ TokenizedDocument TextProcessor::operator()(const nlohmann::json& document, cons
       if (!text.empty()) text += ' ';
       text += it->get<std::string>();
     }
-    for (const int64_t token : tokenizer_.encode(text, /*add_bos=*/false)) append(token, field.loss);
+    for (const int64_t token : tokenizer_.encode(text, /*add_bos=*/false)) push(doc, token, field.loss);
   }
   const int64_t eos = tokenizer_.eos_id();
-  if (add_eos_ && eos >= 0 && (doc.tokens.empty() || doc.tokens.back() != eos)) append(eos, true);
+  if (add_eos_ && eos >= 0 && (doc.tokens.empty() || doc.tokens.back() != eos)) push(doc, eos, true);
   return doc;
 }
 
-void TextProcessor::append_chat(const nlohmann::json& chat, bool loss, const std::string& where,
+bool TextProcessor::append_chat(const nlohmann::json& chat, bool loss, const std::string& where,
                                 TokenizedDocument& doc) const {
   const auto append_text = [&](const std::string& text, bool counts) {
     for (const int64_t token : tokenizer_.encode(text, /*add_bos=*/false)) push(doc, token, counts);
   };
-  const auto append_token = [&](int64_t token, bool counts) {
-    if (token >= 0) push(doc, token, counts);  // a tokenizer may have no BOS or EOS
-  };
+  // The roles allowed next, in order: an optional system message, then user and assistant turns.
+  enum class Next { SystemOrUser, User, Assistant };
+  Next next = Next::SystemOrUser;
   std::string system;
   bool first_turn = true;
-  std::string expected = "system or user";
   for (size_t i = 0; i < chat.size(); ++i) {
     const nlohmann::json& message = chat[i];
     const auto role = message.is_object() ? message.find("role") : message.end();
@@ -89,27 +94,31 @@ void TextProcessor::append_chat(const nlohmann::json& chat, bool loss, const std
       throw_input_error("{}: message {}: expected {{\"role\": str, \"content\": str}}", where, i);
     }
     const std::string name = role->get<std::string>();
-    if (expected.find(name) == std::string::npos || (name == "system" && i != 0)) {
+    const bool allowed = (name == "system" && next == Next::SystemOrUser) ||
+                         (name == "user" && next != Next::Assistant) || (name == "assistant" && next == Next::Assistant);
+    if (!allowed) {
       throw_input_error("{}: message {} has role '{}', expected {} (an optional system message first, then user and "
-                        "assistant alternating)", where, i, name, expected);
+                        "assistant alternating)", where, i, name,
+                        next == Next::SystemOrUser ? "system or user" : next == Next::User ? "user" : "assistant");
     }
     const std::string text = content->get<std::string>();
     if (name == "system") {
       system = text;
-      expected = "user";
+      next = Next::User;
     } else if (name == "user") {
-      if (!first_turn) append_token(tokenizer_.bos_id(), false);
+      if (!first_turn && tokenizer_.bos_id() >= 0) push(doc, tokenizer_.bos_id(), false);
       const std::string header = system.empty() ? "" : "<<SYS>>\n" + system + "\n<</SYS>>\n\n";
       append_text("[INST] " + (first_turn ? header : "") + text + " [/INST]", false);
       first_turn = false;
-      expected = "assistant";
+      next = Next::Assistant;
     } else {
       append_text(text, loss);
-      append_token(tokenizer_.eos_id(), loss);
-      expected = "user";
+      if (tokenizer_.eos_id() >= 0) push(doc, tokenizer_.eos_id(), loss);
+      next = Next::User;
     }
   }
   if (first_turn) throw_input_error("{}: a chat needs at least one user message", where);
+  return next == Next::User;
 }
 
 }  // namespace bpt::data

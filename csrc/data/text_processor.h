@@ -11,6 +11,8 @@
 // loss:
 //
 //   [INST] <<SYS>>\n{system}\n<</SYS>>\n\n{user} [/INST] {assistant} EOS BOS [INST] {user} [/INST] ...
+//
+// A chat may end with a user message only when a later field answers it ("[messages],response").
 #include <nlohmann/json_fwd.hpp>
 
 #include <cstdint>
@@ -40,8 +42,8 @@ class TextProcessor {
     bool loss = true;
     int64_t special = -1;  // BOS/EOS id for <|bos|>, <|eos|>
   };
-  // Appends `chat` (a field's list of messages) to `doc`.
-  void append_chat(const nlohmann::json& chat, bool loss, const std::string& where, TokenizedDocument& doc) const;
+  // Appends `chat` (a field's list of messages) to `doc`; false if it ends with a question.
+  bool append_chat(const nlohmann::json& chat, bool loss, const std::string& where, TokenizedDocument& doc) const;
 
   const Tokenizer& tokenizer_;
   std::vector<Field> fields_;

@@ -49,6 +49,7 @@ Fsdp::Fsdp(const Mesh& mesh, std::vector<NamedParameters> units, FsdpOptions opt
     for (auto& item : parameters) (item.second.requires_grad() ? trainable : frozen).push_back(std::move(item));
     std::vector<Unit*> group;
     for (auto* part : {&trainable, &frozen}) {
+      // Empty parts are left out, but every index keeps one unit, if empty, for run() to find.
       if (part->empty() && !(part == &frozen && group.empty())) continue;
       units_.push_back(make_unit(*part, part == &trainable, checksums));
       group.push_back(units_.back().get());
@@ -341,8 +342,10 @@ void Fsdp::write_pieces(const std::string& dir, const std::string& kind, const i
 
 void Fsdp::write_index(const std::string& dir, const std::vector<std::string>& kinds) const {
   if (mesh_.rank() != 0) return;
+  const bool weights = std::find(kinds.begin(), kinds.end(), "model") != kinds.end();
   std::vector<io::ShardedTensor> tensors;
   for (const auto& unit : units_) {
+    if (!weights && !unit->trainable) continue;
     for (const Entry& entry : unit->entries) {
       io::ShardedTensor tensor{entry.name, entry.shape, {}};
       for (int64_t r = 0; r < mesh_.fsdp_group.size(); ++r) {

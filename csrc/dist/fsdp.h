@@ -87,7 +87,8 @@ class Fsdp {
   // (named "<parameter>" or "<parameter>.<suffix>", as pieces() or the optimizer name them)
   // into dir/<kind>-rank-r-of-n.safetensors; only the first replica (dp index 0) writes.
   void write_pieces(const std::string& dir, const std::string& kind, const io::NamedTensors& tensors) const;
-  // Rank 0 writes dir/shards.json describing the pieces of every parameter.
+  // Rank 0 writes dir/shards.json describing the pieces of every parameter (of the trainable
+  // ones only when no "model" files are written: the optimizer's state has no frozen pieces).
   void write_index(const std::string& dir, const std::vector<std::string>& kinds) const;
   // Every trainable parameter whole, gathered from the shards: a collective, every rank of
   // the fsdp group calls it. For saving what is small, such as LoRA adapters.
@@ -103,6 +104,8 @@ class Fsdp {
  private:
   struct Entry;
   struct Unit;
+  // Flattens `parameters` into a unit and keeps this rank's shard; appends its checksums.
+  std::unique_ptr<Unit> make_unit(NamedParameters& parameters, bool trainable, std::vector<double>& checksums);
   void start_gather(Unit& unit);
   void wait_gathered(Unit& unit);
   void free(Unit& unit);
@@ -115,8 +118,6 @@ class Fsdp {
 
   Mesh mesh_;
   FsdpOptions options_;
-  std::unique_ptr<Unit> make_unit(NamedParameters& parameters, bool trainable, std::vector<double>& checksums);
-
   std::vector<std::unique_ptr<Unit>> units_;
   // The units of each unit index run() and the callers know: the trainable parameters' unit,
   // and the frozen parameters' if there are any.

@@ -53,22 +53,25 @@ AdapterConfig read_adapter_config(const std::string& dir) {
   if (!stream) throw_input_error("{}: cannot open", path);
   const json config = json::parse(stream, nullptr, /*allow_exceptions=*/false);
   if (!config.is_object()) throw_input_error("{}: not a JSON object", path);
-  if (config.value("peft_type", "") != "LORA") {
-    throw_input_error("{}: peft_type is {}, expected \"LORA\"", path,
-                      config.contains("peft_type") ? config["peft_type"].dump() : "missing");
-  }
-  check_unsupported(config, path);
   AdapterConfig result;
   try {
-    result.lora.options.rank(config.at("r").get<int64_t>());
-    result.lora.options.alpha(config.at("lora_alpha").get<double>());
-    result.lora.options.dropout(config.value("lora_dropout", 0.0));
+    if (config.value("peft_type", std::string()) != "LORA") {
+      throw_input_error("{}: peft_type is {}, expected \"LORA\"", path,
+                        config.contains("peft_type") ? config["peft_type"].dump() : "missing");
+    }
+    check_unsupported(config, path);
+    const auto rank = config.at("r").get<int64_t>();
+    const auto alpha = config.at("lora_alpha").get<double>();
+    const double dropout = config.value("lora_dropout", 0.0);
+    if (rank < 1) throw_input_error("{}: r must be >= 1, got {}", path, rank);
+    if (!(alpha > 0)) throw_input_error("{}: lora_alpha must be > 0, got {}", path, alpha);
+    if (!(dropout >= 0 && dropout < 1)) throw_input_error("{}: lora_dropout must be in [0, 1), got {}", path, dropout);
+    result.lora.options.rank(rank).alpha(alpha).dropout(dropout);
     const json& targets = config.at("target_modules");
     // peft keeps a set of names (a list), or one regular expression (a string): bpt takes names.
     if (!targets.is_array()) throw_input_error("{}: target_modules: expected a list of projection names", path);
-    const std::vector<std::string> names = targets.get<std::vector<std::string>>();
     std::string spec;
-    for (const std::string& name : names) spec += (spec.empty() ? "" : ",") + name;
+    for (const std::string& name : targets.get<std::vector<std::string>>()) spec += (spec.empty() ? "" : ",") + name;
     result.lora.target_modules = models::llama::lora_target_modules(spec, path + ": target_modules");
     if (config.contains("base_model_name_or_path") && config["base_model_name_or_path"].is_string()) {
       result.base_model = config["base_model_name_or_path"].get<std::string>();
@@ -76,8 +79,39 @@ AdapterConfig read_adapter_config(const std::string& dir) {
   } catch (const json::exception& e) {
     throw_input_error("{}: {} (expected r, lora_alpha and target_modules)", path, e.what());
   }
-  if (result.lora.options.rank() < 1) throw_input_error("{}: r must be >= 1, got {}", path, result.lora.options.rank());
   return result;
+}
+
+std::string adapter_base(const std::string& dir) {
+  const std::string base = read_adapter_config(dir).base_model;
+  if (base.empty() || !fs::is_directory(base)) {
+    throw_input_error("{}/{}: base_model_name_or_path '{}' is not a directory (bpt reads the base model from disk)",
+                      dir, kConfigFile, base);
+  }
+  return base;
+}
+
+void check_same_adapters(const AdapterConfig& saved, const models::llama::LoRAConfig& current, const std::string& dir) {
+  const auto differ = [&](const char* field, const std::string& was, const std::string& now) {
+    throw_input_error("{}/{}: {} is {}, but this run asks for {}: resume with the settings the adapters were "
+                      "trained with", dir, kConfigFile, field, was, now);
+  };
+  const nn::LoRAOptions &was = saved.lora.options, &now = current.options;
+  if (was.rank() != now.rank()) differ("r", std::to_string(was.rank()), std::to_string(now.rank()));
+  if (was.alpha() != now.alpha()) differ("lora_alpha", fmt::format("{}", was.alpha()), fmt::format("{}", now.alpha()));
+  if (was.dropout() != now.dropout()) {
+    differ("lora_dropout", fmt::format("{}", was.dropout()), fmt::format("{}", now.dropout()));
+  }
+  if (saved.lora.target_modules != current.target_modules) {
+    differ("target_modules", fmt::format("{}", fmt::join(saved.lora.target_modules, ",")),
+           fmt::format("{}", fmt::join(current.target_modules, ",")));
+  }
+}
+
+std::string default_tokenizer(const std::string& dir) {
+  const fs::path own = fs::path(dir) / "tokenizer.model";
+  if (fs::exists(own) || !is_lora_adapter(dir)) return own.string();
+  return (fs::path(adapter_base(dir)) / "tokenizer.model").string();
 }
 
 NamedTensors adapter_tensors(const models::llama::LlamaForCausalLMImpl& model) {
@@ -158,15 +192,15 @@ models::llama::LlamaForCausalLM load_llama_model(const std::string& dir,
   std::string base = dir;
   if (is_lora_adapter(dir)) {
     adapter = read_adapter_config(dir);
-    base = adapter->base_model;
-    if (base.empty() || !fs::is_directory(base)) {
-      throw_input_error("{}/{}: base_model_name_or_path '{}' is not a directory (bpt reads the base model from "
-                        "disk)", dir, kConfigFile, base);
-    }
+    base = adapter_base(dir);
   }
   models::llama::LlamaConfig config = read_llama_config(base);
   if (configure) configure(config);
   config.validate();
+  if (adapter && config.quantization != "none") {
+    throw_input_error("{}: the adapter's base {} is a quantized bLLaMA (inference only); adapters go on its "
+                      "full-precision checkpoint", dir, base);
+  }
   models::llama::LlamaForCausalLM model(config, /*init_weights=*/false);
   load_llama_weights(*model, base);
   if (adapter) {

@@ -34,6 +34,15 @@ bool is_lora_adapter(const std::string& dir);
 // dir/adapter_config.json; InputError naming the file and field for what is malformed or for
 // peft options bpt does not implement (DoRA, rsLoRA, biases, per-layer ranks, ...).
 AdapterConfig read_adapter_config(const std::string& dir);
+// The adapter's base_model_name_or_path, which must be a directory (bpt reads the base from
+// disk: a moved base or a Hub id is an InputError naming dir/adapter_config.json).
+std::string adapter_base(const std::string& dir);
+// InputError naming `dir` and the field if the adapter `saved` differs from `current` (a run
+// resumed with other --finetune.* settings than it was started with).
+void check_same_adapters(const AdapterConfig& saved, const models::llama::LoRAConfig& current, const std::string& dir);
+// The tokenizer a model directory comes with: dir/tokenizer.model, or its base's for an
+// adapter directory without one.
+std::string default_tokenizer(const std::string& dir);
 
 // The adapter parameters of `model` (lora_A / lora_B), under bpt's names.
 NamedTensors adapter_tensors(const models::llama::LlamaForCausalLMImpl& model);

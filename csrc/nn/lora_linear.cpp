@@ -65,7 +65,9 @@ torch::nn::AnyModule LoRALinearImpl::merge() {
   TORCH_CHECK(linear != nullptr, "LoRALinear::merge: only a Linear base merges (a BitLinear's ternary weights cannot "
               "absorb the update); keep the adapter beside it");
   at::NoGradGuard no_grad;
-  linear->weight.add_(delta_weight().to(linear->weight.scalar_type()));
+  // In fp32, as peft merges, so a bf16 model rounds once (the sum), not three times.
+  const at::Tensor delta = at::mm(lora_B->weight.to(at::kFloat), lora_A->weight.to(at::kFloat)) * scaling();
+  linear->weight.copy_(linear->weight.to(at::kFloat) + delta);
   return base;
 }
 

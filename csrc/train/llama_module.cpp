@@ -18,7 +18,10 @@ LlamaModule::LlamaModule(models::llama::LlamaForCausalLM model_, RematPolicy rem
     : model(std::move(model_)), remat_(remat) {
   apply_remat(*model->model, remat);
   for (const auto& item : model->named_parameters()) {
-    if (item.key() != "model.embed_tokens.weight" && item.value().dim() == 2) flops_matmul_params_ += item.value().numel();
+    if (item.key() == "model.embed_tokens.weight" || item.value().dim() != 2) continue;
+    // A frozen weight (a LoRA base) runs forward and the input gradient: 4 FLOPs per weight
+    // per token, not 6.
+    flops_matmul_ += (item.value().requires_grad() ? 6.0 : 4.0) * static_cast<double>(item.value().numel());
   }
 }
 
@@ -52,6 +55,12 @@ StepOutput LlamaModule::training_step(const data::Batch& batch) {
 
 std::optional<StepOutput> LlamaModule::validation_step(const data::Batch& batch) {
   at::NoGradGuard no_grad;
+  // Evaluation mode for the step: no LoRA dropout, and no draw from the training's generator.
+  struct EvalMode {
+    explicit EvalMode(torch::nn::Module& m) : module(m) { module.eval(); }
+    ~EvalMode() { module.train(); }
+    torch::nn::Module& module;
+  } eval_mode(*model);
   StepOutput out = training_step(batch);
   if (fsdp_) fsdp_->release();
   return out;
@@ -102,6 +111,7 @@ void LlamaModule::load(const std::string& dir) {
       throw_input_error("{}: not a LoRA adapter directory (no adapter_config.json), which a LoRA run resumes from",
                         dir);
     }
+    io::check_same_adapters(io::read_adapter_config(dir), *model->lora, dir);
     if (!fsdp_) return io::load_adapter_weights(*model, dir);
     io::read_adapter_weights(dir, fsdp_->shapes(), [&](const std::string& name, const at::Tensor& whole) {
       TORCH_CHECK(fsdp_->assign(name, whole), "LlamaModule::load: no sharded parameter ", name);
@@ -141,9 +151,11 @@ bool LlamaModule::load_optimizer(const std::string& dir, AdamW& optimizer) {
 
 double LlamaModule::flops_per_token(int64_t seq_length) const {
   const auto& c = model->config;
-  double matmul_params = static_cast<double>(flops_matmul_params_);
-  if (c.tie_word_embeddings) matmul_params += static_cast<double>(c.vocab_size * c.hidden_size);  // the head
-  return 6 * matmul_params + 12.0 * c.num_hidden_layers * c.num_attention_heads * c.resolved_head_dim() * seq_length;
+  double matmul = flops_matmul_;
+  if (c.tie_word_embeddings) {  // the head, through the embedding table
+    matmul += (model->lm_head->weight.requires_grad() ? 6.0 : 4.0) * static_cast<double>(c.vocab_size * c.hidden_size);
+  }
+  return matmul + 12.0 * c.num_hidden_layers * c.num_attention_heads * c.resolved_head_dim() * seq_length;
 }
 
 }  // namespace bpt::train

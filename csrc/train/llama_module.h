@@ -35,7 +35,8 @@ class LlamaModule : public TrainModule {
   std::vector<std::pair<std::string, at::Tensor>> named_parameters() override;
   void save(const std::string& dir) const override;
   void load(const std::string& dir) override;
-  // PaLM's count: 6 x (parameters in matmuls) + 12 x layers x hidden x seq_length (attention).
+  // PaLM's count: 6 x (parameters in matmuls; 4 x for frozen ones) + 12 x layers x hidden x
+  // seq_length (attention).
   double flops_per_token(int64_t seq_length) const override;
   void save_optimizer(const std::string& dir, const AdamW& optimizer) const override;
   bool load_optimizer(const std::string& dir, AdamW& optimizer) override;
@@ -52,7 +53,7 @@ class LlamaModule : public TrainModule {
   RematPolicy remat_;
   std::unique_ptr<dist::Fsdp> fsdp_;
   ShardedParameters sharding_;
-  int64_t flops_matmul_params_ = 0;  // counted before sharding empties the parameters
+  double flops_matmul_ = 0;  // training FLOPs per token in matmuls, counted before sharding empties the parameters
 };
 
 }  // namespace bpt::train

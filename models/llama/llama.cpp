@@ -36,10 +36,11 @@ std::vector<std::string> lora_target_modules(const std::string& spec, const std:
                          "gate_proj, up_proj, down_proj";
   std::vector<std::string> names = split(spec, ',');
   if (names.empty()) throw_input_error("{}: {}", flag, expected);
-  for (const std::string& name : names) {
-    if (std::find(all.begin(), all.end(), name) == all.end()) {
-      throw_input_error("{}: '{}' is not a LLaMA projection; {}", flag, name, expected);
+  for (auto it = names.begin(); it != names.end(); ++it) {
+    if (std::find(all.begin(), all.end(), *it) == all.end()) {
+      throw_input_error("{}: '{}' is not a LLaMA projection; {}", flag, *it, expected);
     }
+    if (std::find(names.begin(), it, *it) != it) throw_input_error("{}: '{}' is named twice", flag, *it);
   }
   return names;
 }
@@ -57,13 +58,30 @@ at::Tensor positions_from_segments(const at::Tensor& segment_ids) {
 
 LlamaAttentionImpl::LlamaAttentionImpl(const LlamaConfig& config_) : config(config_) { reset(); }
 
+namespace {
+
+// The attention's projections with their names and sizes, in Hugging Face's order.
+struct Projection {
+  std::string name;
+  torch::nn::AnyModule* slot;
+  int64_t in, out;
+};
+
+std::vector<Projection> projections(LlamaAttentionImpl& attention) {
+  const LlamaConfig& c = attention.config;
+  const int64_t C = c.hidden_size, D = c.resolved_head_dim(), H = c.num_attention_heads, Hkv = c.num_key_value_heads;
+  return {{"q_proj", &attention.q_proj, C, H * D},
+          {"k_proj", &attention.k_proj, C, Hkv * D},
+          {"v_proj", &attention.v_proj, C, Hkv * D},
+          {"o_proj", &attention.o_proj, H * D, C}};
+}
+
+}  // namespace
+
 void LlamaAttentionImpl::reset() {
-  const int64_t C = config.hidden_size, D = config.resolved_head_dim();
-  const int64_t H = config.num_attention_heads, Hkv = config.num_key_value_heads;
-  for (auto& [name, module, in, out] : {std::tuple{"q_proj", &q_proj, C, H * D}, std::tuple{"k_proj", &k_proj, C, Hkv * D},
-                                        std::tuple{"v_proj", &v_proj, C, Hkv * D}, std::tuple{"o_proj", &o_proj, H * D, C}}) {
-    *module = projection(config, in, out);
-    register_module(name, module->ptr());
+  for (const Projection& p : projections(*this)) {
+    *p.slot = projection(config, p.in, p.out);
+    register_module(p.name, p.slot->ptr());
   }
   attention = register_module("attention", nn::BlockwiseAttention(nn::BlockwiseAttentionOptions()
                                                                        .causal(true)
@@ -90,22 +108,16 @@ at::Tensor LlamaAttentionImpl::forward(const at::Tensor& x, const LayerInputs& i
   return run(o_proj, out.transpose(1, 2).reshape({B, T, H * D}));
 }
 
-void LlamaAttentionImpl::add_lora(const std::vector<std::string>& projections, const nn::LoRAOptions& options) {
-  const int64_t C = config.hidden_size, D = config.resolved_head_dim();
-  const int64_t H = config.num_attention_heads, Hkv = config.num_key_value_heads;
-  for (const std::string& name : projections) {
-    if (name == "q_proj") nn::add_lora(*this, name, q_proj, C, H * D, options);
-    if (name == "k_proj") nn::add_lora(*this, name, k_proj, C, Hkv * D, options);
-    if (name == "v_proj") nn::add_lora(*this, name, v_proj, C, Hkv * D, options);
-    if (name == "o_proj") nn::add_lora(*this, name, o_proj, H * D, C, options);
+void LlamaAttentionImpl::add_lora(const std::vector<std::string>& targets, const nn::LoRAOptions& options) {
+  for (const Projection& p : projections(*this)) {
+    if (std::find(targets.begin(), targets.end(), p.name) != targets.end()) {
+      nn::add_lora(*this, p.name, *p.slot, p.in, p.out, options);
+    }
   }
 }
 
 void LlamaAttentionImpl::merge_lora() {
-  for (auto& [name, slot] : {std::pair{"q_proj", &q_proj}, std::pair{"k_proj", &k_proj}, std::pair{"v_proj", &v_proj},
-                             std::pair{"o_proj", &o_proj}}) {
-    nn::merge_lora(*this, name, *slot);
-  }
+  for (const Projection& p : projections(*this)) nn::merge_lora(*this, p.name, *p.slot);
 }
 
 // ---- decoder layer
@@ -289,7 +301,9 @@ void LlamaForCausalLMImpl::merge_lora() {
   for (const auto& module : *model->layers) {
     auto& layer = *module->as<LlamaDecoderLayer>();
     layer.self_attn->merge_lora();
-    layer.mlp.ptr()->as<nn::BlockwiseFeedForward>()->merge_lora();
+    auto* ffn = layer.mlp.ptr()->as<nn::BlockwiseFeedForward>();
+    TORCH_CHECK(ffn != nullptr, "merge_lora: layer ", layer.index, "'s MLP is not a BlockwiseFeedForward");
+    ffn->merge_lora();
   }
   lora.reset();
 }

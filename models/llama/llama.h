@@ -75,7 +75,7 @@ class LlamaAttentionImpl : public torch::nn::Cloneable<LlamaAttentionImpl> {
   // x [B, T, hidden] -> [B, T, hidden]; `layer` indexes the cache.
   at::Tensor forward(const at::Tensor& x, const LayerInputs& inputs, int64_t layer);
   // Adapters on the named ones of q_proj, k_proj, v_proj, o_proj; merge_lora folds them in.
-  void add_lora(const std::vector<std::string>& projections, const nn::LoRAOptions& options);
+  void add_lora(const std::vector<std::string>& targets, const nn::LoRAOptions& options);
   void merge_lora();
 
   LlamaConfig config;

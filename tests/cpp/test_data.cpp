@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -103,6 +104,18 @@ TEST_CASE("a chat field follows LLaMA-2's template, loss on the answers and thei
                       Contains("message 1 has role 'user', expected assistant"));
   REQUIRE_THROWS_WITH(bad({{{"role", "user"}}}), Contains("message 0: expected {\"role\": str, \"content\": str}"));
   REQUIRE_THROWS_WITH(bad(nlohmann::json::array()), Contains("a chat needs at least one user message"));
+  for (const char* role : {"", "or", "assist", "users"}) {
+    REQUIRE_THROWS_WITH(bad({{{"role", "user"}, {"content", "x"}}, {{"role", role}, {"content", "y"}}}),
+                        Contains(fmt::format("message 1 has role '{}', expected assistant", role)));
+  }
+  // A last question needs an answer after it: in the chat, or in a later field.
+  REQUIRE_THROWS_WITH(bad({{{"role", "user"}, {"content", "x"}}}), Contains("the chat ends with a user message"));
+  const bpt::data::TextProcessor prompted(tok, "[messages],response");
+  const nlohmann::json question = {{"messages", {{{"role", "user"}, {"content", "Name a licence."}}}},
+                                   {"response", "GPL"}};
+  const auto answered = prompted(question, "chat.jsonl:5");
+  REQUIRE(answered.tokens.back() == tok.eos_id());
+  REQUIRE(std::count(answered.loss_mask.begin(), answered.loss_mask.end(), 1) == static_cast<long>(gpl.size() + 1));
 }
 
 TEST_CASE("a malformed JSONL line is named by file and line", "[data]") {

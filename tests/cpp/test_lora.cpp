@@ -9,6 +9,7 @@
 #include "csrc/nn/bit_linear.h"
 #include "csrc/nn/lora_linear.h"
 #include "helpers.h"
+#include "csrc/train/llama_module.h"
 #include "models/llama/llama.h"
 
 using bpt::nn::LoRALinear;
@@ -128,4 +129,25 @@ TEST_CASE("LoRA targets: all, attention, mlp or projection names; a bLLaMA's ada
   for (const auto& item : model->named_parameters()) adapters += item.value().requires_grad();
   CHECK(adapters == 2 * 2 * 2);
   CHECK_THROWS_WITH(model->merge_lora(), Catch::Contains("a bLLaMA's adapters cannot be merged"));
+}
+
+TEST_CASE("validation runs without LoRA dropout and leaves the model training", "[lora][train]") {
+  at::manual_seed(4);
+  bpt::models::llama::LlamaForCausalLM model(tiny_llama(false));
+  model->add_lora({LoRAOptions().rank(4).dropout(0.5), bpt::models::llama::lora_target_modules("all", "f")});
+  {
+    at::NoGradGuard no_grad;
+    for (auto& item : model->named_parameters()) {
+      if (item.key().ends_with("lora_B.weight")) item.value().normal_(0, 0.5);
+    }
+  }
+  bpt::train::LlamaModule module(model, bpt::train::RematPolicy::NothingSaveable);
+  const bpt::data::Batch batch{at::randint(64, {2, 12}), at::randint(64, {2, 12}), at::zeros({2, 12}, at::kLong)};
+  const double first = module.validation_step(batch)->loss.item<double>();
+  CHECK(model->is_training());
+  CHECK(module.validation_step(batch)->loss.item<double>() == first);  // no dropout mask drawn
+  model->eval();
+  CHECK(model->forward(batch.input_ids, batch.targets, batch.segment_ids).loss.item<double>() == first);
+  model->train();
+  CHECK(model->forward(batch.input_ids, batch.targets, batch.segment_ids).loss.item<double>() != first);
 }

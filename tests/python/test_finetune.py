@@ -117,27 +117,51 @@ def test_merged_checkpoint_equals_base_plus_adapter(base, lora_run, tmp_path):
     torch.testing.assert_close(Llama(merged).logits(ids), Llama(lora_run).logits(ids), rtol=1e-4, atol=1e-4)
 
 
+def launch(nproc: int, args: list[str]) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run([str(ROOT / "tools/launch"), "--nproc", str(nproc), "bpt-train", *args],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr
+
+
 def test_lora_resumes_exactly_and_fsdp_world_2_equals_world_1(base, tmp_path):
     one = train(base, tmp_path / "one", "lora", "--total_steps=8")
     # Four steps sharded over two processes, then four more in one process from that checkpoint.
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    two = subprocess.run([str(ROOT / "tools/launch"), "--nproc", "2", "bpt-train",
-                          *finetune_args(base, tmp_path / "two", "lora", "--total_steps=4")],
-                         capture_output=True, text=True, timeout=300, env=env)
-    assert two.returncode == 0, two.stderr
+    launch(2, finetune_args(base, tmp_path / "two", "lora", "--total_steps=4"))
     sharded = tmp_path / "two" / "checkpoint"
     assert (sharded / "shards.json").exists() and (sharded / "adapter_model.safetensors").exists()
+    index = json.loads((sharded / "shards.json").read_text())
+    assert list(index["files"]) == ["optimizer"] and all(".lora_" in name for name in index["tensors"])
     assert metrics(tmp_path / "two")[-1]["state_mb"] < metrics(tmp_path / "one")[-1]["state_mb"] / 1.9
     train(base, tmp_path / "two", "lora", "--total_steps=8", "--autoresume")
-    want, got = metrics(tmp_path / "one"), metrics(tmp_path / "two")
-    assert [r["step"] for r in got] == list(range(1, 9))
-    for a, b in zip(want, got):
-        assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
-    adapters_one = load_file(one / "adapter_model.safetensors")
-    adapters_two = load_file(tmp_path / "two" / "checkpoint" / "adapter_model.safetensors")
-    assert adapters_one.keys() == adapters_two.keys()
-    for name in adapters_one:
-        torch.testing.assert_close(adapters_two[name], adapters_one[name], rtol=1e-4, atol=1e-4)
+    # And the other way: one process, then two that load the adapters and optimizer state into
+    # their shards, keeping each layer gathered (everything_saveable: frozen units stay too).
+    train(base, tmp_path / "three", "lora", "--total_steps=4")
+    launch(2, finetune_args(base, tmp_path / "three", "lora", "--total_steps=8", "--autoresume",
+                            "--llama.remat_policy=everything_saveable"))
+    want = metrics(tmp_path / "one")
+    adapters = load_file(one / "adapter_model.safetensors")
+    for run in ("two", "three"):
+        got = metrics(tmp_path / run)
+        assert [r["step"] for r in got] == list(range(1, 9))
+        for a, b in zip(want, got):
+            assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
+        resumed = load_file(tmp_path / run / "checkpoint" / "adapter_model.safetensors")
+        assert resumed.keys() == adapters.keys()
+        for name in adapters:
+            torch.testing.assert_close(resumed[name], adapters[name], rtol=1e-4, atol=1e-4)
+
+
+def test_adapters_on_some_projections_match_peft(base, tmp_path):
+    # Attention and MLP each with one adapter: the MLP runs through its layers with the
+    # other two projections plain.
+    adapter = train(base, tmp_path / "some", "lora", "--total_steps=5", "--finetune.lora_target=q_proj,down_proj",
+                    "--finetune.lora_alpha=16")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["q_proj", "down_proj"] and config["lora_alpha"] == 16
+    assert len(load_file(adapter / "adapter_model.safetensors")) == 2 * 2 * TINY["num_hidden_layers"]
+    ids = torch.randint(0, TINY["vocab_size"], (1, 19))
+    torch.testing.assert_close(Llama(adapter).logits(ids), peft_logits(base, adapter, ids), rtol=1e-4, atol=1e-4)
 
 
 def exact_match(checkpoint: Path, base, data: Path) -> float:
@@ -208,3 +232,14 @@ def test_adapter_errors_name_the_file(base, lora_run, tmp_path):
     assert result.returncode == 2 and "adapter_model.safetensors: tensor 'base_model.model.model.layers.0" in result.stderr
     plain = run_app("convert", "--input", base.dir, "--output", tmp_path / "x", "--merge-lora")
     assert plain.returncode == 2 and "has no adapter_config.json" in plain.stderr
+    # Resuming with other adapter settings than the checkpoint's.
+    other = run_app("train", *finetune_args(base, tmp_path / "o", "lora", "--total_steps=30", "--finetune.lora_alpha=8"),
+                    f"--load_checkpoint=trainstate::{lora_run}")
+    assert other.returncode == 2 and "lora_alpha is 32, but this run asks for 8" in other.stderr
+    # A peft directory without a tokenizer: the base's is used; a base that is not on disk is named.
+    peft_style = tmp_path / "peft"
+    shutil.copytree(lora_run, peft_style, ignore=shutil.ignore_patterns("tokenizer.model", "optimizer*", "trainer*"))
+    assert run_app("generate", "--model", peft_style, "--prompt", "x", "--max_new_tokens", 1).returncode == 0
+    (peft_style / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "meta/llama"}))
+    moved = run_app("generate", "--model", peft_style, "--prompt", "x")
+    assert moved.returncode == 2 and "base_model_name_or_path 'meta/llama' is not a directory" in moved.stderr
