@@ -56,6 +56,11 @@ bpt::models::llama::LlamaConfig model_config(const bpt::train::TrainConfig& c, c
   const std::string source = !c.load_llama_config.empty() ? c.load_llama_config : weights.empty() ? "tiny" : weights;
   bpt::models::llama::LlamaConfig config =
       fs::is_directory(source) ? bpt::io::read_llama_config(source) : bpt::models::llama::preset(source);
+  if (c.model != "llama" && c.model != "bllama" && c.model != "glam") {
+    throw_input_error("--model: expected llama, bllama or glam, got '{}'", c.model);
+  }
+  if (c.model == "bllama") config.bitlinear = true;
+  if (c.model == "glam") bpt::models::llama::make_glam(config);  // before the overrides, which may change it
   try {
     config.update(c.update_llama_config);
   } catch (const bpt::InputError& e) {
@@ -69,8 +74,6 @@ bpt::models::llama::LlamaConfig model_config(const bpt::train::TrainConfig& c, c
     }
   }
   config.dtype = bpt::models::llama::parse_dtype(c.dtype, "--dtype");
-  if (c.model != "llama" && c.model != "bllama") throw_input_error("--model: expected llama or bllama, got '{}'", c.model);
-  if (c.model == "bllama") config.bitlinear = true;
   if (config.quantization != "none") {
     throw_input_error("--load_llama_config: {} is a quantized bLLaMA (quantization = {}), which only runs inference; "
                       "train from its full-precision checkpoint", source, config.quantization);

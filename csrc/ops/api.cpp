@@ -126,4 +126,28 @@ at::Tensor ternary_linear(const at::Tensor& x, const at::Tensor& packed, const a
   return op.call(x, packed, scale, in_features);
 }
 
+at::Tensor moe_dispatch(const at::Tensor& x, const at::Tensor& index) {
+  static const auto op = op_handle<at::Tensor(const at::Tensor&, const at::Tensor&)>("bpt::moe_dispatch");
+  return op.call(x, index);
+}
+
+at::Tensor moe_dispatch_backward(const at::Tensor& grad_out, const at::Tensor& index, int64_t num_tokens) {
+  static const auto op =
+      op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t)>("bpt::moe_dispatch_backward");
+  return op.call(grad_out, index, num_tokens);
+}
+
+at::Tensor moe_combine(const at::Tensor& y, const at::Tensor& index, const at::Tensor& weight, int64_t num_tokens) {
+  static const auto op =
+      op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t)>("bpt::moe_combine");
+  return op.call(y, index, weight, num_tokens);
+}
+
+std::tuple<at::Tensor, at::Tensor> moe_combine_backward(const at::Tensor& grad_out, const at::Tensor& y,
+                                                        const at::Tensor& index, const at::Tensor& weight) {
+  static const auto op = op_handle<std::tuple<at::Tensor, at::Tensor>(
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&)>("bpt::moe_combine_backward");
+  return op.call(grad_out, y, index, weight);
+}
+
 }  // namespace bpt::ops

@@ -81,4 +81,13 @@ std::tuple<at::Tensor, at::Tensor> ternary_pack(const at::Tensor& weight);
 at::Tensor ternary_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
                           int64_t in_features);
 
+// Mixture of experts. dispatch: x [N, C], index [M] int64 (the token of each expert slot)
+// -> x[index] [M, C]. combine: y [M, C], index [M], weight [M] -> [N, C], row n the sum of
+// weight[m] y[m] over the slots m of token n (summed in fp32; 0 for a token with no slot).
+at::Tensor moe_dispatch(const at::Tensor& x, const at::Tensor& index);
+at::Tensor moe_dispatch_backward(const at::Tensor& grad_out, const at::Tensor& index, int64_t num_tokens);
+at::Tensor moe_combine(const at::Tensor& y, const at::Tensor& index, const at::Tensor& weight, int64_t num_tokens);
+std::tuple<at::Tensor, at::Tensor> moe_combine_backward(const at::Tensor& grad_out, const at::Tensor& y,
+                                                        const at::Tensor& index, const at::Tensor& weight);
+
 }  // namespace bpt::ops

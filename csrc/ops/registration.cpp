@@ -39,4 +39,12 @@ TORCH_LIBRARY(bpt, m) {
   m.def("bitlinear_backward(Tensor grad_out, Tensor x, Tensor weight) -> (Tensor grad_x, Tensor grad_weight)");
   m.def("ternary_pack(Tensor weight) -> (Tensor packed, Tensor scale)");
   m.def("ternary_linear(Tensor x, Tensor packed, Tensor scale, int in_features) -> Tensor");
+
+  // Mixture of experts: tokens gathered into expert slots (index: the token of each slot) and
+  // the experts' outputs summed back per token, weighted by the router.
+  m.def("moe_dispatch(Tensor x, Tensor index) -> Tensor");
+  m.def("moe_dispatch_backward(Tensor grad_out, Tensor index, int num_tokens) -> Tensor");
+  m.def("moe_combine(Tensor y, Tensor index, Tensor weight, int num_tokens) -> Tensor");
+  m.def("moe_combine_backward(Tensor grad_out, Tensor y, Tensor index, Tensor weight) -> (Tensor grad_y, Tensor "
+        "grad_weight)");
 }

@@ -22,8 +22,8 @@ void register_dataset(DatasetConfig& d, const std::string& prefix, io::FlagSet& 
 }  // namespace
 
 void register_flags(TrainConfig& c, io::FlagSet& flags) {
-  flags.add("model", "llama, or bllama: LLaMA with BitNet b1.58 BitLinear layers (any preset; bllama-1.7b is "
-            "the seed's size)", &c.model);
+  flags.add("model", "llama; bllama: LLaMA with BitNet b1.58 BitLinear layers (any preset; bllama-1.7b is the "
+            "seed's size); glam: 64 experts in every other layer (GLaM; presets glam-126m-64e, glam-64b-64e)", &c.model);
   flags.add("load_llama_config", "model preset (tiny, 1b, 7b, llama2-7b, llama3-8b, ...) or a directory with "
             "config.json; empty: load_checkpoint's config.json, or tiny without one", &c.load_llama_config);
   flags.add("update_llama_config", "config overrides: field=value,field=value", &c.update_llama_config);

@@ -31,7 +31,7 @@ struct FinetuneConfig {
 };
 
 struct TrainConfig {
-  std::string model = "llama";   // llama, or bllama (BitLinear layers: models/bllama)
+  std::string model = "llama";   // llama, bllama (BitLinear layers: models/bllama) or glam (MoE)
   std::string load_llama_config;  // a preset or a directory holding config.json; empty: the
                                   // checkpoint's config.json with load_checkpoint, else tiny
   std::string update_llama_config;          // "field=value,..."

@@ -21,7 +21,13 @@ LlamaModule::LlamaModule(models::llama::LlamaForCausalLM model_, RematPolicy rem
     if (item.key() == "model.embed_tokens.weight" || item.value().dim() != 2) continue;
     // A frozen weight (a LoRA base) runs forward and the input gradient: 4 FLOPs per weight
     // per token, not 6.
-    flops_matmul_ += (item.value().requires_grad() ? 6.0 : 4.0) * static_cast<double>(item.value().numel());
+    double per_weight = item.value().requires_grad() ? 6.0 : 4.0;
+    // An expert computes for the tokens routed to it: k of E experts per token.
+    const auto& c = model->config;
+    if (item.key().find(".block_sparse_moe.experts.") != std::string::npos) {
+      per_weight *= static_cast<double>(c.num_experts_per_tok) / static_cast<double>(c.num_local_experts);
+    }
+    flops_matmul_ += per_weight * static_cast<double>(item.value().numel());
   }
 }
 
@@ -41,16 +47,23 @@ void LlamaModule::shard(const dist::Mesh& mesh, dist::FsdpOptions options) {
   model->model->run_layer = [fsdp = fsdp_.get(), recompute](LlamaDecoderLayerImpl& layer, const at::Tensor& h,
                                                             const LayerInputs& inputs) {
     const nn::TensorFn fn = [&layer, inputs](const std::vector<at::Tensor>& x) {
-      return std::vector<at::Tensor>{layer.forward(x[0], inputs)};
+      return layer.forward(x[0], inputs).tensors();
     };
-    return fsdp->run(static_cast<size_t>(layer.index) + 1, fn, {h}, recompute)[0];
+    return models::llama::LayerOutput::from(fsdp->run(static_cast<size_t>(layer.index) + 1, fn, {h}, recompute));
   };
 }
 
 StepOutput LlamaModule::training_step(const data::Batch& batch) {
   if (fsdp_) fsdp_->gather_root();
   const nn::LMLoss out = model->forward(batch.input_ids, batch.targets, batch.segment_ids);
-  return {out.loss, out.n_tokens.item<int64_t>(), out.n_correct.item<int64_t>()};
+  StepOutput step{out.loss, out.n_tokens.item<int64_t>(), out.n_correct.item<int64_t>(), {}};
+  if (model->config.num_local_experts > 0) {
+    const nn::RouterStats stats = model->router_stats();
+    step.metrics = {{"router_aux_loss", stats.aux_loss},
+                    {"router_z_loss", stats.z_loss},
+                    {"router_dropped_fraction", stats.dropped_fraction}};
+  }
+  return step;
 }
 
 std::optional<StepOutput> LlamaModule::validation_step(const data::Batch& batch) {

@@ -5,6 +5,7 @@
 // checkpoints, metrics and progress display (docs/training.md has a 30-line example).
 #include <ATen/core/Tensor.h>
 
+#include <map>
 #include <optional>
 #include <string>
 #include <utility>
@@ -19,6 +20,9 @@ struct StepOutput {
   at::Tensor loss;        // scalar, differentiable in training_step
   int64_t n_tokens = 0;   // tokens the loss counted
   int64_t n_correct = 0;  // of those, argmax == target (0 if not tracked)
+  // More values to log (say, router losses), averaged over the micro-batches of a log window
+  // (this rank's: not summed over ranks).
+  std::map<std::string, double> metrics;
 };
 
 class TrainModule {

@@ -18,6 +18,7 @@ RematPolicy parse_remat_policy(const std::string& name) {
 
 void apply_remat(models::llama::LlamaModelImpl& model, RematPolicy policy) {
   using models::llama::LayerInputs;
+  using models::llama::LayerOutput;
   using models::llama::LlamaDecoderLayerImpl;
   switch (policy) {
     case RematPolicy::EverythingSaveable:
@@ -25,9 +26,9 @@ void apply_remat(models::llama::LlamaModelImpl& model, RematPolicy policy) {
       return;
     case RematPolicy::NothingSaveable:
       model.run_layer = [](LlamaDecoderLayerImpl& layer, const at::Tensor& h, const LayerInputs& inputs) {
-        return nn::checkpoint([&layer, inputs](const std::vector<at::Tensor>& x) {
-                 return std::vector<at::Tensor>{layer.forward(x[0], inputs)};
-               }, {h})[0];
+        return LayerOutput::from(nn::checkpoint([&layer, inputs](const std::vector<at::Tensor>& x) {
+          return layer.forward(x[0], inputs).tensors();
+        }, {h}));
       };
       return;
     case RematPolicy::CheckpointDots:
@@ -35,9 +36,9 @@ void apply_remat(models::llama::LlamaModelImpl& model, RematPolicy policy) {
         const at::Tensor half = nn::checkpoint([&layer, inputs](const std::vector<at::Tensor>& x) {
                                   return std::vector<at::Tensor>{layer.attention_block(x[0], inputs)};
                                 }, {h})[0];
-        return nn::checkpoint([&layer](const std::vector<at::Tensor>& x) {
-                 return std::vector<at::Tensor>{layer.mlp_block(x[0])};
-               }, {half})[0];
+        return LayerOutput::from(nn::checkpoint([&layer](const std::vector<at::Tensor>& x) {
+          return layer.mlp_block(x[0]).tensors();
+        }, {half}));
       };
       return;
   }

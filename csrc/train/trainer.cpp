@@ -8,6 +8,7 @@
 #include <csignal>
 #include <fstream>
 #include <functional>
+#include <map>
 #include <stdexcept>
 
 #include "csrc/common/error.h"
@@ -172,7 +173,8 @@ FitResult Trainer::fit(TrainModule& module, data::DataLoader& train, data::DataL
   const int64_t first_step = result.steps;
   int64_t last_saved = -1;
   double window_loss = 0, window_tokens = 0, window_correct = 0, window_seconds = 0, window_norm = 0;
-  int64_t window_steps = 0;
+  int64_t window_steps = 0, window_micro_batches = 0;
+  std::map<std::string, double> window_metrics;
   const double state_mb = static_cast<double>(module.held_bytes() + optimizer.state_bytes()) / 1e6;
   int64_t window_comm_start = module.communicated_bytes();
   // Every rank stops at the same step: a signal reaching one rank is shared in an all-reduce.
@@ -183,6 +185,8 @@ FitResult Trainer::fit(TrainModule& module, data::DataLoader& train, data::DataL
     for (int64_t micro = 0; micro < options_.accumulate_gradient_steps; ++micro) {
       const data::Batch batch = slice_rows(train.next(), world_.rank(), world_.size());
       const StepOutput out = module.training_step(batch);
+      for (const auto& [name, value] : out.metrics) window_metrics[name] += value;
+      ++window_micro_batches;
       // The mean over every rank's tokens: each rank's mean weighted by its share of them
       // (times the rank count, which the gradient average divides out again).
       const double n = static_cast<double>(out.n_tokens);
@@ -219,6 +223,9 @@ FitResult Trainer::fit(TrainModule& module, data::DataLoader& train, data::DataL
                                {"skipped_steps", result.skipped_steps},
                                {"time_s", seconds_since(run_start)}};
       if (flops_per_token > 0 && peak_flops > 0) record["mfu"] = flops_per_token * tokens_per_s / peak_flops;
+      for (const auto& [name, sum] : window_metrics) record[name] = sum / static_cast<double>(window_micro_batches);
+      window_metrics.clear();
+      window_micro_batches = 0;
       if (world_.size() > 1) {
         record["world_size"] = world_.size();
         record["comm_mb_per_step"] =

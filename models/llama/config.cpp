@@ -3,6 +3,7 @@
 #include <c10/util/Exception.h>
 
 #include <functional>
+#include <map>
 #include <string_view>
 #include <nlohmann/json.hpp>
 
@@ -96,6 +97,15 @@ const std::vector<Field>& field_table() {
       BPT_BOOL_FIELD(bitlinear),
       Field{"quantization", [](const LlamaConfig& c) { return c.quantization; },
             [](LlamaConfig& c, const std::string& v) { c.quantization = v; }},
+      BPT_INT_FIELD(num_local_experts),
+      BPT_INT_FIELD(num_experts_per_tok),
+      BPT_INT_FIELD(moe_layer_freq),
+      BPT_DOUBLE_FIELD(capacity_factor),
+      BPT_DOUBLE_FIELD(eval_capacity_factor),
+      BPT_DOUBLE_FIELD(router_aux_loss_coef),
+      BPT_DOUBLE_FIELD(router_z_loss_coef),
+      Field{"expert_activation", [](const LlamaConfig& c) { return c.expert_activation; },
+            [](LlamaConfig& c, const std::string& v) { c.expert_activation = v; }},
   };
   return table;
 }
@@ -168,6 +178,25 @@ void LlamaConfig::validate() const {
   check_chunk("ffn_chunk_size", ffn_chunk_size);
   check_chunk("loss_chunk_size", loss_chunk_size);
   check_chunk("head_chunk_size", head_chunk_size);
+  if (num_local_experts < 0) throw_input_error("num_local_experts: expected >= 0 (0: dense), got {}", num_local_experts);
+  if (num_local_experts > 0) {
+    if (num_experts_per_tok < 1 || num_experts_per_tok > num_local_experts) {
+      throw_input_error("num_experts_per_tok: expected 1 to num_local_experts ({}), got {}", num_local_experts,
+                        num_experts_per_tok);
+    }
+    positive("moe_layer_freq", moe_layer_freq);
+    if (!(capacity_factor >= 0) || !(eval_capacity_factor >= 0)) {
+      throw_input_error("capacity_factor / eval_capacity_factor: expected >= 0 (0: dropless), got {} / {}",
+                        capacity_factor, eval_capacity_factor);
+    }
+    if (!(router_aux_loss_coef >= 0) || !(router_z_loss_coef >= 0)) {
+      throw_input_error("router_aux_loss_coef / router_z_loss_coef: expected >= 0");
+    }
+    if (expert_activation != "silu" && expert_activation != "gelu") {
+      throw_input_error("expert_activation: expected silu or gelu, got '{}'", expert_activation);
+    }
+    if (bitlinear) throw_input_error("num_local_experts: a bLLaMA (bitlinear) has no MoE layers");
+  }
   if (remat_policy != "nothing_saveable" && remat_policy != "checkpoint_dots" && remat_policy != "everything_saveable") {
     throw_input_error("remat_policy: expected nothing_saveable, checkpoint_dots or everything_saveable, got '{}'",
                       remat_policy);
@@ -227,6 +256,10 @@ LlamaConfig preset(const std::string& name) {
       {"llama3-8b", 128256, 4096, 14336, 32, 32, 8, 8192, 1e-5, 500000},
       {"bllama-1.7b", 32000, 2048, 8192, 24, 32, 32, 2048, 1e-6, 10000},
       {"bllama-tiny", 256, 64, 160, 2, 4, 2, 512, 1e-6, 10000},
+      // GLaM (Pax's configs): the dense base's sizes; make_glam adds the experts.
+      {"glam-126m-64e", 32000, 768, 3072, 12, 12, 12, 2048, 1e-6, 10000},
+      {"glam-64b-64e", 32000, 8192, 32768, 64, 128, 128, 2048, 1e-6, 10000},
+      {"glam-tiny", 256, 64, 96, 2, 4, 2, 512, 1e-6, 10000},
   };
   for (const Size& size : sizes) {
     if (name != size.name) continue;
@@ -245,6 +278,10 @@ LlamaConfig preset(const std::string& name) {
       config.eos_token_ids = {128001};
     }
     config.bitlinear = std::string_view(name).starts_with("bllama-");
+    if (std::string_view(name).starts_with("glam-")) {
+      make_glam(config);
+      if (name == "glam-tiny") config.num_local_experts = 4;
+    }
     return config;
   }
   throw InputError(unknown_name_message("llama config preset", name, preset_names()) +
@@ -252,8 +289,20 @@ LlamaConfig preset(const std::string& name) {
 }
 
 std::vector<std::string> preset_names() {
-  return {"tiny",       "1b",         "3b",        "7b",          "13b",        "30b", "65b",
-          "llama2-7b",  "llama2-13b", "llama2-70b", "llama3-8b", "bllama-1.7b", "bllama-tiny"};
+  return {"tiny",        "1b",          "3b",          "7b",            "13b",          "30b",      "65b",
+          "llama2-7b",   "llama2-13b",  "llama2-70b",  "llama3-8b",     "bllama-1.7b",  "bllama-tiny",
+          "glam-126m-64e", "glam-64b-64e", "glam-tiny"};
+}
+
+void make_glam(LlamaConfig& config) {
+  if (config.num_local_experts > 0) return;
+  config.num_local_experts = 64;
+  config.num_experts_per_tok = 2;
+  config.moe_layer_freq = 2;
+  config.capacity_factor = config.eval_capacity_factor = 2.0;
+  config.router_aux_loss_coef = 0.01;
+  config.router_z_loss_coef = 1e-4;
+  config.expert_activation = "gelu";
 }
 
 c10::ScalarType parse_dtype(const std::string& text, const std::string& field) {
@@ -304,8 +353,9 @@ void read_rope(const json& rope, LlamaConfig& config, const std::string& where) 
 LlamaConfig from_hf_json(const json& hf, const std::string& where) {
   if (!hf.is_object()) throw_input_error("{}: expected a JSON object", where);
   const std::string model_type = get_or(hf, "model_type", std::string("llama"), where);
-  if (model_type != "llama" && model_type != "bllama") {
-    throw_input_error("{}: model_type is '{}', expected 'llama' (or bpt's 'bllama')", where, model_type);
+  if (model_type != "llama" && model_type != "bllama" && model_type != "mixtral" && model_type != "glam") {
+    throw_input_error("{}: model_type is '{}', expected 'llama' or 'mixtral' (or bpt's 'bllama', 'glam')", where,
+                      model_type);
   }
   if (get_or(hf, "attention_bias", false, where) || get_or(hf, "mlp_bias", false, where)) {
     throw_input_error("{}: attention_bias / mlp_bias = true is not supported (LLaMA has no biases)", where);
@@ -315,6 +365,17 @@ LlamaConfig from_hf_json(const json& hf, const std::string& where) {
 
   LlamaConfig config;
   config.bitlinear = model_type == "bllama";
+  if (model_type == "mixtral" || model_type == "glam") {
+    config.num_local_experts = get_or(hf, "num_local_experts", int64_t{8}, where);
+    config.num_experts_per_tok = get_or(hf, "num_experts_per_tok", config.num_experts_per_tok, where);
+    config.router_aux_loss_coef = get_or(hf, "router_aux_loss_coef", config.router_aux_loss_coef, where);
+    if (get_or(hf, "router_jitter_noise", 0.0, where) != 0) {
+      throw_input_error("{}: router_jitter_noise is not supported (expected 0)", where);
+    }
+    if (!get_or(hf, "sliding_window", json(nullptr), where).is_null()) {
+      throw_input_error("{}: sliding_window attention is not supported (expected null)", where);
+    }
+  }
   config.vocab_size = get_or(hf, "vocab_size", config.vocab_size, where);
   config.hidden_size = get_or(hf, "hidden_size", config.hidden_size, where);
   config.intermediate_size = get_or(hf, "intermediate_size", config.intermediate_size, where);
@@ -378,10 +439,19 @@ json to_hf_json(const LlamaConfig& c) {
     rope["original_max_position_embeddings"] = c.rope_scaling.original_max_position_embeddings();
   }
   // A bLLaMA checkpoint is bpt's own: its extra norms and packed weights are nothing
-  // transformers' LlamaForCausalLM could load, so it does not claim to be one.
+  // transformers' LlamaForCausalLM could load, so it does not claim to be one. An MoE model is
+  // a Mixtral when transformers' MixtralForCausalLM computes the same (SwiGLU experts in
+  // every layer, dropless), else bpt's GLaM.
+  const bool mixtral = c.num_local_experts > 0 && c.moe_layer_freq == 1 && c.expert_activation == "silu" &&
+                       c.capacity_factor == 0 && c.eval_capacity_factor == 0 && c.router_z_loss_coef == 0;
+  const std::string model_type = c.bitlinear ? "bllama" : c.num_local_experts == 0 ? "llama" : mixtral ? "mixtral" : "glam";
+  const std::map<std::string, std::string> architectures = {{"bllama", "BllamaForCausalLM"},
+                                                            {"llama", "LlamaForCausalLM"},
+                                                            {"mixtral", "MixtralForCausalLM"},
+                                                            {"glam", "GlamForCausalLM"}};
   json hf = {
-      {"architectures", {c.bitlinear ? "BllamaForCausalLM" : "LlamaForCausalLM"}},
-      {"model_type", c.bitlinear ? "bllama" : "llama"},
+      {"architectures", {architectures.at(model_type)}},
+      {"model_type", model_type},
       {"vocab_size", c.vocab_size},
       {"hidden_size", c.hidden_size},
       {"intermediate_size", c.intermediate_size},
@@ -413,6 +483,19 @@ json to_hf_json(const LlamaConfig& c) {
       {"remat_policy", c.remat_policy},       {"scan_layers", c.scan_layers},
   };
   if (c.bitlinear) hf["bpt"]["quantization"] = c.quantization;
+  if (c.num_local_experts > 0) {
+    hf["num_local_experts"] = c.num_local_experts;
+    hf["num_experts_per_tok"] = c.num_experts_per_tok;
+    hf["router_aux_loss_coef"] = c.router_aux_loss_coef;
+    hf["router_jitter_noise"] = 0.0;
+    hf["output_router_logits"] = false;
+    hf["sliding_window"] = nullptr;
+    hf["bpt"].update({{"moe_layer_freq", c.moe_layer_freq},
+                      {"capacity_factor", c.capacity_factor},
+                      {"eval_capacity_factor", c.eval_capacity_factor},
+                      {"router_z_loss_coef", c.router_z_loss_coef},
+                      {"expert_activation", c.expert_activation}});
+  }
   return hf;
 }
 

@@ -56,7 +56,23 @@ struct LlamaConfig {
   // "none", or "ternary": the BitLinear weights are packed 2 bits per value (inference only).
   std::string quantization = "none";
 
+  // Mixture of experts (GLaM, Mixtral; csrc/nn/moe.h): with num_local_experts > 0 the MLP of
+  // every moe_layer_freq-th layer (layers freq - 1, 2 freq - 1, ...) is an MoE layer of that
+  // many experts of intermediate_size, top num_experts_per_tok routing. capacity_factor 0 is
+  // dropless (Mixtral); GLaM's presets use 2.0. The router losses are added to the training
+  // loss with these weights.
+  int64_t num_local_experts = 0;
+  int64_t num_experts_per_tok = 2;
+  int64_t moe_layer_freq = 1;
+  double capacity_factor = 0, eval_capacity_factor = 0;
+  double router_aux_loss_coef = 0.001;  // Mixtral's default (GLaM: 0.01)
+  double router_z_loss_coef = 0;        // GLaM presets: 1e-4
+  std::string expert_activation = "silu";  // silu: SwiGLU experts (w1, w2, w3); gelu: w1, w2
+
   int64_t resolved_head_dim() const { return head_dim > 0 ? head_dim : hidden_size / num_attention_heads; }
+  bool is_moe_layer(int64_t layer) const {
+    return num_local_experts > 0 && layer % moe_layer_freq == moe_layer_freq - 1;
+  }
 
   // Throws InputError naming the first inconsistent field.
   void validate() const;
@@ -73,8 +89,12 @@ struct LlamaConfig {
 
 // Named presets: "tiny" (tests), llamabpt's "1b", "3b", "7b", "13b", "30b", "65b",
 // "llama2-7b", "llama2-13b", "llama2-70b" (GQA) and "llama3-8b"; bLLaMA's "bllama-1.7b" (the
-// seed's default size) and "bllama-tiny". Throws InputError otherwise.
+// seed's default size) and "bllama-tiny"; GLaM's "glam-126m-64e", "glam-64b-64e" (Pax's two) and
+// "glam-tiny". Throws InputError otherwise.
 LlamaConfig preset(const std::string& name);
+// Turns `config` into a GLaM: 64 GELU experts in every other layer, top-2, capacity factor 2,
+// aux loss 0.01 and z-loss 1e-4 (bpt-train --model glam); a config with experts keeps its own.
+void make_glam(LlamaConfig& config);
 std::vector<std::string> preset_names();
 
 // config.json as Hugging Face writes it (either transformers 4's rope_theta/rope_scaling or

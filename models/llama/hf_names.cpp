@@ -28,9 +28,20 @@ std::vector<std::pair<std::string, std::vector<int64_t>>> hf_tensor_shapes(const
     linear(layer + "self_attn.k_proj", kv, C);
     linear(layer + "self_attn.v_proj", kv, C);
     linear(layer + "self_attn.o_proj", C, q);
-    linear(layer + "mlp.gate_proj", I, C);
-    linear(layer + "mlp.up_proj", I, C);
-    linear(layer + "mlp.down_proj", C, I);
+    if (c.is_moe_layer(i)) {
+      // Mixtral's layout: the router, then each expert's w1 (gate), w2 (down), w3 (up).
+      shapes.push_back({layer + "block_sparse_moe.gate.weight", {c.num_local_experts, C}});
+      for (int64_t e = 0; e < c.num_local_experts; ++e) {
+        const std::string expert = fmt::format("{}block_sparse_moe.experts.{}.", layer, e);
+        shapes.push_back({expert + "w1.weight", {I, C}});
+        shapes.push_back({expert + "w2.weight", {C, I}});
+        if (c.expert_activation == "silu") shapes.push_back({expert + "w3.weight", {I, C}});
+      }
+    } else {
+      linear(layer + "mlp.gate_proj", I, C);
+      linear(layer + "mlp.up_proj", I, C);
+      linear(layer + "mlp.down_proj", C, I);
+    }
     if (c.bitlinear) continue;
     shapes.push_back({layer + "input_layernorm.weight", {C}});
     shapes.push_back({layer + "post_attention_layernorm.weight", {C}});

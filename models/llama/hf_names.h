@@ -10,6 +10,8 @@
 //                                                      [hidden, heads*head_dim]
 //   model.layers.{i}.mlp.{gate,up}_proj.weight         [intermediate, hidden]
 //   model.layers.{i}.mlp.down_proj.weight              [hidden, intermediate]
+//   (an MoE layer instead: model.layers.{i}.block_sparse_moe.gate.weight [experts, hidden],
+//    ...block_sparse_moe.experts.{e}.w1.weight, w3 [intermediate, hidden], w2 [hidden, intermediate])
 //   model.layers.{i}.{input,post_attention}_layernorm.weight   [hidden]
 //   model.norm.weight                                  [hidden]
 //   lm_head.weight                                     [vocab, hidden]  (absent when tied)

@@ -127,11 +127,27 @@ LlamaDecoderLayerImpl::LlamaDecoderLayerImpl(const LlamaConfig& config_, int64_t
   reset();
 }
 
+std::vector<at::Tensor> LayerOutput::tensors() const {
+  return router_loss.defined() ? std::vector<at::Tensor>{h, router_loss} : std::vector<at::Tensor>{h};
+}
+
+LayerOutput LayerOutput::from(const std::vector<at::Tensor>& tensors) {
+  return {tensors.at(0), tensors.size() > 1 ? tensors[1] : at::Tensor()};
+}
+
 void LlamaDecoderLayerImpl::reset() {
   // Registered in Hugging Face's order, so parameters() lists them as its named_parameters().
   const int64_t C = config.hidden_size;
   self_attn = register_module("self_attn", LlamaAttention(config));
-  if (config.bitlinear) {
+  if (config.is_moe_layer(index)) {
+    block_sparse_moe = register_module(
+        "block_sparse_moe", nn::MoELayer(nn::MoEOptions(C, config.intermediate_size, config.num_local_experts)
+                                             .top_k(config.num_experts_per_tok)
+                                             .capacity_factor(config.capacity_factor)
+                                             .eval_capacity_factor(config.eval_capacity_factor)
+                                             .activation(config.expert_activation)
+                                             .chunk(config.ffn_chunk_size)));
+  } else if (config.bitlinear) {
     mlp = torch::nn::AnyModule(nn::BitFeedForward(nn::BitFeedForwardOptions(C, config.intermediate_size)
                                                       .eps(config.rms_norm_eps)
                                                       .quantized(config.quantization == "ternary")));
@@ -139,14 +155,14 @@ void LlamaDecoderLayerImpl::reset() {
     mlp = torch::nn::AnyModule(nn::BlockwiseFeedForward(
         nn::BlockwiseFeedForwardOptions(C, config.intermediate_size).chunk(config.ffn_chunk_size)));
   }
-  register_module("mlp", mlp.ptr());
+  if (!mlp.is_empty()) register_module("mlp", mlp.ptr());
   if (config.bitlinear) return;  // each BitLinear normalises its own input
   input_layernorm = register_module("input_layernorm", nn::RMSNorm(nn::RMSNormOptions(C).eps(config.rms_norm_eps)));
   post_attention_layernorm =
       register_module("post_attention_layernorm", nn::RMSNorm(nn::RMSNormOptions(C).eps(config.rms_norm_eps)));
 }
 
-at::Tensor LlamaDecoderLayerImpl::forward(const at::Tensor& h, const LayerInputs& inputs) {
+LayerOutput LlamaDecoderLayerImpl::forward(const at::Tensor& h, const LayerInputs& inputs) {
   return mlp_block(attention_block(h, inputs));
 }
 
@@ -154,8 +170,11 @@ at::Tensor LlamaDecoderLayerImpl::attention_block(const at::Tensor& h, const Lay
   return h + self_attn(input_layernorm ? input_layernorm(h) : h, inputs, index);
 }
 
-at::Tensor LlamaDecoderLayerImpl::mlp_block(const at::Tensor& h) {
-  return h + run(mlp, post_attention_layernorm ? post_attention_layernorm(h) : h);
+LayerOutput LlamaDecoderLayerImpl::mlp_block(const at::Tensor& h) {
+  const at::Tensor x = post_attention_layernorm ? post_attention_layernorm(h) : h;
+  if (!block_sparse_moe) return {h + run(mlp, x), at::Tensor()};
+  auto [out, routing] = block_sparse_moe(x);
+  return {h + out, routing.aux_loss * config.router_aux_loss_coef + routing.z_loss * config.router_z_loss_coef};
 }
 
 // ---- model
@@ -213,9 +232,12 @@ at::Tensor LlamaModelImpl::forward(const at::Tensor& input_ids, const std::optio
 
   at::Tensor h = embed_tokens(input_ids);
   std::tie(inputs.cos, inputs.sin) = rotary->cos_sin(positions, h.scalar_type());
+  router_loss = at::Tensor();
   for (const auto& module : *layers) {
     LlamaDecoderLayerImpl& layer = *module->as<LlamaDecoderLayer>();
-    h = run_layer ? run_layer(layer, h, inputs) : layer.forward(h, inputs);
+    const LayerOutput out = run_layer ? run_layer(layer, h, inputs) : layer.forward(h, inputs);
+    h = out.h;
+    if (out.router_loss.defined()) router_loss = router_loss.defined() ? router_loss + out.router_loss : out.router_loss;
   }
   if (cache != nullptr) cache->length += T;
   return norm(h);
@@ -288,6 +310,7 @@ void LlamaForCausalLMImpl::add_lora(const LoRAConfig& lora_config) {
   for (const auto& module : *model->layers) {
     auto& layer = *module->as<LlamaDecoderLayer>();
     layer.self_attn->add_lora(attention, lora_config.options);
+    if (layer.mlp.is_empty()) continue;  // an MoE layer: its experts keep no adapters
     if (auto* ffn = layer.mlp.ptr()->as<nn::BlockwiseFeedForward>()) ffn->add_lora(mlp, lora_config.options);
     if (auto* ffn = layer.mlp.ptr()->as<nn::BitFeedForward>()) ffn->add_lora(mlp, lora_config.options);
   }
@@ -301,6 +324,7 @@ void LlamaForCausalLMImpl::merge_lora() {
   for (const auto& module : *model->layers) {
     auto& layer = *module->as<LlamaDecoderLayer>();
     layer.self_attn->merge_lora();
+    if (layer.mlp.is_empty()) continue;  // an MoE layer
     auto* ffn = layer.mlp.ptr()->as<nn::BlockwiseFeedForward>();
     TORCH_CHECK(ffn != nullptr, "merge_lora: layer ", layer.index, "'s MLP is not a BlockwiseFeedForward");
     ffn->merge_lora();
@@ -329,7 +353,29 @@ void LlamaForCausalLMImpl::pretty_print(std::ostream& stream) const {
 nn::LMLoss LlamaForCausalLMImpl::forward(const at::Tensor& input_ids, const at::Tensor& targets,
                                          const std::optional<at::Tensor>& segment_ids,
                                          const std::optional<at::Tensor>& position_ids) {
-  return lm_head(model(input_ids, segment_ids, position_ids), targets);
+  nn::LMLoss out = lm_head(model(input_ids, segment_ids, position_ids), targets);
+  if (model->router_loss.defined()) out.loss = out.loss + model->router_loss.to(out.loss.scalar_type());
+  return out;
+}
+
+nn::RouterStats LlamaForCausalLMImpl::router_stats() const {
+  nn::RouterStats mean;
+  double layers = 0;
+  for (const auto& module : *model->layers) {
+    const auto& layer = *module->as<LlamaDecoderLayer>();
+    if (!layer.block_sparse_moe) continue;
+    const nn::RouterStats& stats = layer.block_sparse_moe->last_stats;
+    mean.aux_loss += stats.aux_loss;
+    mean.z_loss += stats.z_loss;
+    mean.dropped_fraction += stats.dropped_fraction;
+    ++layers;
+  }
+  if (layers > 0) {
+    mean.aux_loss /= layers;
+    mean.z_loss /= layers;
+    mean.dropped_fraction /= layers;
+  }
+  return mean;
 }
 
 at::Tensor LlamaForCausalLMImpl::logits(const at::Tensor& input_ids, const std::optional<at::Tensor>& segment_ids,

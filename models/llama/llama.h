@@ -13,6 +13,10 @@
 // With config.bitlinear (bLLaMA, models/bllama) every projection and MLP linear is an
 // nn::BitLinear and the layers have no input_layernorm / post_attention_layernorm.
 //
+// With config.num_local_experts (GLaM, Mixtral) every moe_layer_freq-th layer's MLP is an
+// nn::MoELayer named block_sparse_moe, as in Mixtral's checkpoints; its router losses,
+// weighted, join the training loss.
+//
 // add_lora() freezes the model and puts LoRA adapters (nn::LoRALinear) on the chosen
 // projections of every layer, named as peft names them (...q_proj.lora_A.weight).
 #include <ATen/core/Tensor.h>
@@ -33,6 +37,7 @@
 #include "csrc/nn/blockwise_feed_forward.h"
 #include "csrc/nn/chunked_lm_head_loss.h"
 #include "csrc/nn/lora_linear.h"
+#include "csrc/nn/moe.h"
 #include "csrc/nn/rms_norm.h"
 #include "csrc/nn/rotary.h"
 #include "models/llama/config.h"
@@ -68,6 +73,15 @@ struct LayerInputs {
   KVCache* cache = nullptr;               // set when decoding incrementally
 };
 
+// A layer's output: the hidden state, and an MoE layer's weighted router losses (a scalar that
+// joins the training loss; undefined for a dense layer). As tensors (for checkpointing): [h]
+// or [h, router_loss].
+struct LayerOutput {
+  at::Tensor h, router_loss;
+  std::vector<at::Tensor> tensors() const;
+  static LayerOutput from(const std::vector<at::Tensor>& tensors);
+};
+
 class LlamaAttentionImpl : public torch::nn::Cloneable<LlamaAttentionImpl> {
  public:
   explicit LlamaAttentionImpl(const LlamaConfig& config);
@@ -90,17 +104,18 @@ class LlamaDecoderLayerImpl : public torch::nn::Cloneable<LlamaDecoderLayerImpl>
   LlamaDecoderLayerImpl(const LlamaConfig& config, int64_t index);
   void reset() override;
   // h [B, T, hidden] -> [B, T, hidden]: mlp_block(attention_block(h)).
-  at::Tensor forward(const at::Tensor& h, const LayerInputs& inputs);
+  LayerOutput forward(const at::Tensor& h, const LayerInputs& inputs);
   // h + o_proj(attention(...)): the first residual half of the layer.
   at::Tensor attention_block(const at::Tensor& h, const LayerInputs& inputs);
-  // h + mlp(rms(h)): the second half.
-  at::Tensor mlp_block(const at::Tensor& h);
+  // h + mlp(rms(h)): the second half (with an MoE layer, its router losses too).
+  LayerOutput mlp_block(const at::Tensor& h);
 
   LlamaConfig config;
   int64_t index;
   nn::RMSNorm input_layernorm{nullptr}, post_attention_layernorm{nullptr};  // null for bLLaMA
   LlamaAttention self_attn{nullptr};
-  torch::nn::AnyModule mlp;  // nn::BlockwiseFeedForward, or nn::BitFeedForward for bLLaMA
+  torch::nn::AnyModule mlp;  // nn::BlockwiseFeedForward, or nn::BitFeedForward for bLLaMA; empty for MoE
+  nn::MoELayer block_sparse_moe{nullptr};  // an MoE layer's MLP (config.is_moe_layer(index))
 };
 TORCH_MODULE(LlamaDecoderLayer);
 
@@ -116,9 +131,11 @@ class LlamaModelImpl : public torch::nn::Cloneable<LlamaModelImpl> {
 
   // How each layer runs; empty: layer.forward. The trainer sets it to apply remat policies
   // (csrc/train), so the model itself knows nothing of them.
-  using LayerRunner = std::function<at::Tensor(LlamaDecoderLayerImpl& layer, const at::Tensor& h,
-                                               const LayerInputs& inputs)>;
+  using LayerRunner = std::function<LayerOutput(LlamaDecoderLayerImpl& layer, const at::Tensor& h,
+                                                const LayerInputs& inputs)>;
   LayerRunner run_layer;
+  // The last forward's router losses summed over the MoE layers (undefined without any).
+  at::Tensor router_loss;
 
   LlamaConfig config;
   torch::nn::Embedding embed_tokens{nullptr};
@@ -139,7 +156,7 @@ class LlamaForCausalLMImpl : public torch::nn::Cloneable<LlamaForCausalLMImpl> {
   void pretty_print(std::ostream& stream) const override;
 
   // Training: targets [B, T] (ignore_index -100 where no loss) -> mean loss over counted
-  // tokens, without [B, T, vocab] logits.
+  // tokens (plus the MoE layers' weighted router losses), without [B, T, vocab] logits.
   nn::LMLoss forward(const at::Tensor& input_ids, const at::Tensor& targets,
                      const std::optional<at::Tensor>& segment_ids = std::nullopt,
                      const std::optional<at::Tensor>& position_ids = std::nullopt);
@@ -155,6 +172,10 @@ class LlamaForCausalLMImpl : public torch::nn::Cloneable<LlamaForCausalLMImpl> {
   // bLLaMA: packs every BitLinear's weights 2 bits per value (inference only from then on:
   // the full-precision weights are dropped) and sets config.quantization to "ternary".
   void quantize_bitlinear();
+  // The MoE layers' router statistics from the last forward, averaged over the layers
+  // (zeros without MoE layers).
+  nn::RouterStats router_stats() const;
+
   // The BitLinear layers still in full precision (0 for a LLaMA or a quantized bLLaMA).
   int64_t unquantized_bitlinear_layers() const;
 

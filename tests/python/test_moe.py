@@ -1,0 +1,142 @@
+"""Mixture of experts: the dispatch / combine ops against naive loops (values, gradients,
+opcheck), bpt's MoE LLaMA against transformers' MixtralForCausalLM on the same random weights
+(logits, and the loss with its load-balancing term), and GLaM training with bpt-train."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import MixtralConfig, MixtralForCausalLM
+from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+from bpt.llama import Llama
+from llama_helpers import CORPUS, run_app, train_tokenizer
+
+ROOT = Path(__file__).resolve().parents[2]
+dispatch, combine = torch.ops.bpt.moe_dispatch, torch.ops.bpt.moe_combine
+
+
+def slots(n_tokens: int, n_slots: int) -> torch.Tensor:
+    return torch.randint(0, n_tokens, (n_slots,))
+
+
+def test_dispatch_and_combine_against_loops():
+    x = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    index = slots(7, 11)
+    weight = torch.rand(11, dtype=torch.float64, requires_grad=True)
+    y = dispatch(x, index)
+    torch.testing.assert_close(y, torch.stack([x[i] for i in index.tolist()]))
+    out = combine(y * 2, index, weight, 7)
+    want = torch.zeros(7, 5, dtype=torch.float64)
+    for m, n in enumerate(index.tolist()):
+        want[n] += weight[m] * 2 * x[n]
+    torch.testing.assert_close(out, want)
+    assert torch.autograd.gradcheck(lambda x, w: combine(dispatch(x, index), index, w, 7), (x, weight))
+
+
+def test_opcheck_and_dtypes():
+    for dtype in (torch.float32, torch.bfloat16):
+        x, index = torch.randn(6, 4, dtype=dtype), slots(6, 9)
+        weight = torch.rand(9)
+        torch.library.opcheck(dispatch.default, (x, index))
+        torch.library.opcheck(combine.default, (x[index], index, weight, 6))
+        assert combine(x[index], index, weight, 6).dtype == dtype
+    with pytest.raises(RuntimeError, match="index must be int64"):
+        dispatch(torch.randn(3, 2), torch.zeros(2, dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="weight.size\\(0\\)"):
+        combine(torch.randn(4, 2), slots(3, 4), torch.rand(3), 3)
+
+
+@pytest.fixture(scope="module")
+def mixtral(tmp_path_factory):
+    """A random tiny Mixtral (8 experts, top-2, every layer) saved by transformers."""
+    torch.manual_seed(0)
+    config = MixtralConfig(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
+                           max_position_embeddings=256, router_aux_loss_coef=0.02, attn_implementation="eager")
+    model = MixtralForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.dim() == 1:
+                parameter.uniform_(0.5, 1.5)
+            if name.endswith("gate.weight"):
+                parameter.normal_(0, 0.5)  # a router with clear preferences
+    directory = tmp_path_factory.mktemp("mixtral")
+    model.save_pretrained(directory)
+    return directory, model
+
+
+def test_mixtral_logits_and_loss_match_transformers(mixtral):
+    directory, hf = mixtral
+    ids = torch.randint(0, 128, (2, 23))
+    bpt = Llama(directory)
+    with torch.no_grad():
+        want = hf(input_ids=ids, output_router_logits=True, labels=ids)
+    torch.testing.assert_close(bpt.logits(ids), want.logits, rtol=1e-4, atol=1e-4)
+    # bpt's loss: cross-entropy plus router_aux_loss_coef x each MoE layer's load-balancing
+    # loss, summed over layers (as Switch and GLaM do; transformers pools the layers'
+    # statistics into one term instead), each layer's computed by transformers' function.
+    targets = torch.cat([ids[:, 1:], torch.full((2, 1), -100)], dim=1)
+    cross_entropy = torch.nn.functional.cross_entropy(want.logits[:, :-1].reshape(-1, 128), ids[:, 1:].reshape(-1))
+    per_layer = [load_balancing_loss_func((logits,), 8, 2) for logits in want.router_logits]
+    assert all(aux > 1.0 for aux in per_layer)
+    torch.testing.assert_close(bpt.loss(ids, targets), cross_entropy + 0.02 * sum(per_layer), rtol=1e-4, atol=1e-4)
+
+
+def test_mixtral_checkpoint_round_trips(mixtral, tmp_path):
+    directory, hf = mixtral
+    Llama(directory).save(tmp_path / "out", hf_format=True)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == "mixtral"
+    again = MixtralForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
+    ids = torch.randint(0, 128, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=ids).logits, hf(input_ids=ids).logits)
+
+
+GLAM = ["--model=glam", "--load_llama_config=tiny", "--llama.num_local_experts=4", "--train_dataset.type=synthetic",
+        "--train_dataset.json_dataset.seq_length=64", "--train_dataset.json_dataset.batch_size=4",
+        "--optimizer.adamw_optimizer.lr=3e-3", "--progress=never", "--log_freq=1"]
+
+
+def records(out: Path) -> list[dict]:
+    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def test_glam_trains_logs_its_router_and_generates(tmp_path):
+    paragraphs = [p.strip() for p in CORPUS.read_text().split("\n\n") if p.strip()]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in paragraphs))
+    tokenizer = train_tokenizer(tmp_path, vocab_size=400)
+    result = run_app("train", *GLAM, "--total_steps=30", "--llama.vocab_size=400", "--train_dataset.type=json",
+                     f"--tokenizer.vocab_file={tokenizer}",
+                     f"--train_dataset.json_dataset.path={tmp_path / 'train.jsonl'}",
+                     f"--logger.output_dir={tmp_path / 'glam'}")
+    assert result.returncode == 0, result.stderr
+    log = records(tmp_path / "glam")
+    assert log[-1]["loss"] < log[0]["loss"] - 0.5
+    # aux is k = 2 for a perfectly even router; z > 0.
+    assert all(1.5 < r["router_aux_loss"] < 4 and r["router_z_loss"] > 0 for r in log)
+    assert all(0 <= r["router_dropped_fraction"] < 0.5 for r in log)
+    config = json.loads((tmp_path / "glam" / "checkpoint" / "config.json").read_text())
+    assert config["model_type"] == "glam" and config["bpt"]["moe_layer_freq"] == 2
+    logits = Llama(tmp_path / "glam" / "checkpoint").logits(torch.randint(0, 400, (1, 5)))
+    assert logits.shape == (1, 5, 400) and torch.isfinite(logits).all()
+
+
+def test_glam_world_2_equals_world_1(tmp_path):
+    # Dropless and without router losses, every rank's rows route as they would in one process.
+    exact = ["--llama.capacity_factor=0", "--llama.router_aux_loss_coef=0", "--llama.router_z_loss_coef=0",
+             "--total_steps=5"]
+    one = run_app("train", *GLAM, *exact, f"--logger.output_dir={tmp_path / 'one'}")
+    assert one.returncode == 0, one.stderr
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    two = subprocess.run([str(ROOT / "tools/launch"), "--nproc", "2", "bpt-train", *GLAM, *exact,
+                          f"--logger.output_dir={tmp_path / 'two'}"], capture_output=True, text=True, timeout=300,
+                         env=env)
+    assert two.returncode == 0, two.stderr
+    for a, b in zip(records(tmp_path / "one"), records(tmp_path / "two"), strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
