@@ -60,6 +60,10 @@ bpt::models::llama::LlamaConfig model_config(const bpt::train::TrainConfig& c, c
     throw_input_error("--model: expected llama, bllama or glam, got '{}'", c.model);
   }
   if (c.model == "bllama") config.bitlinear = true;
+  if (c.model == "glam" && fs::is_directory(source) && config.num_local_experts == 0) {
+    throw_input_error("--model=glam: {} is a dense model; GLaM's experts would have no weights in it (start GLaM "
+                      "from a preset, or load a GLaM or Mixtral checkpoint)", source);
+  }
   if (c.model == "glam") bpt::models::llama::make_glam(config);  // before the overrides, which may change it
   try {
     config.update(c.update_llama_config);

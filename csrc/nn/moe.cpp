@@ -21,7 +21,9 @@ Routing route(const at::Tensor& logits, int64_t top_k, int64_t capacity) {
   TORCH_CHECK(top_k >= 1 && top_k <= E, "route: top_k must be in [1, ", E, "], got ", top_k);
   const at::Tensor probs = at::softmax(logits, -1);
   const auto [top_probs, top_experts] = probs.topk(top_k, -1);
-  const at::Tensor weights = top_probs / top_probs.sum(-1, /*keepdim=*/true);
+  // k > 1: renormalised (GShard, Mixtral). k = 1 keeps the probability itself (Switch): a
+  // weight of exactly 1 would give the router no gradient from the loss.
+  const at::Tensor weights = top_k > 1 ? top_probs / top_probs.sum(-1, /*keepdim=*/true) : top_probs;
 
   // Slots in priority order: every token's first choice, then every token's second, ...
   const at::Tensor experts = top_experts.t().reshape({-1});  // [k N], slot j N + n
@@ -42,12 +44,15 @@ Routing route(const at::Tensor& logits, int64_t top_k, int64_t capacity) {
   Routing routing;
   routing.token = slot_tokens.index_select(0, slots);
   routing.weight = slot_weights.index_select(0, slots);
-  const at::Tensor counts = at::bincount(experts.index_select(0, slots), {}, E);
+  const at::Tensor counts = at::bincount(experts.index_select(0, slots), {}, E).cpu();  // slice sizes, on the host
   routing.counts.assign(counts.data_ptr<int64_t>(), counts.data_ptr<int64_t>() + E);
   routing.dropped_fraction = N == 0 ? 0.0 : 1.0 - static_cast<double>(slots.size(0)) / static_cast<double>(top_k * N);
 
-  const double tokens = static_cast<double>(std::max<int64_t>(N, 1));
-  const at::Tensor chosen = at::bincount(experts, {}, E).to(at::kFloat) / tokens;  // f_e: sums to k
+  if (N == 0) {  // no token: no loss (a mean over nothing would be NaN)
+    routing.aux_loss = routing.z_loss = logits.sum();
+    return routing;
+  }
+  const at::Tensor chosen = at::bincount(experts, {}, E).to(at::kFloat) / static_cast<double>(N);  // f_e: sums to k
   routing.aux_loss = (chosen * probs.mean(0)).sum() * static_cast<double>(E);
   routing.z_loss = at::logsumexp(logits, {-1}).pow(2).mean();
   return routing;

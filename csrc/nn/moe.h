@@ -5,11 +5,15 @@
 // with the router's weights (bpt::moe_combine).
 //
 //   router:   logits = x W_gate^T in fp32, p = softmax(logits), the top-k experts of p, their
-//             weights renormalised to sum to 1 (Mixtral's and GShard's top-2 gating)
+//             weights renormalised to sum to 1 for k > 1 (Mixtral's and GShard's top-2
+//             gating); p itself for k = 1 (Switch)
 //   capacity: with capacity_factor c > 0, an expert takes at most ceil(c k N / E) of the N
 //             tokens' k N slots, first choices first (GShard), in token order within a choice;
 //             a slot over capacity is dropped, and a token whose every slot is dropped passes
 //             through on the residual. capacity_factor 0: dropless (every slot computed).
+//             Which slots drop depends on the whole batch (later tokens too), as in GShard:
+//             inference is dropless by default (eval_capacity_factor 0), so cached decoding
+//             computes what a full forward does.
 //   losses:   aux = E sum_e f_e P_e (Switch/Mixtral load balancing: f_e the fraction of the
 //             N tokens with e among their top k, P_e the mean router probability of e), and
 //             z = mean over tokens of logsumexp(logits)^2 (ST-MoE's router z-loss).
@@ -37,7 +41,7 @@ struct MoEOptions {
   TORCH_ARG(int64_t, top_k) = 2;
   // Slots per expert in training, as a multiple of the even share k N / E; 0: dropless.
   TORCH_ARG(double, capacity_factor) = 2.0;
-  TORCH_ARG(double, eval_capacity_factor) = 2.0;  // the same, in eval mode
+  TORCH_ARG(double, eval_capacity_factor) = 0.0;  // the same, in eval mode
   TORCH_ARG(std::string, activation) = "silu";    // silu (SwiGLU experts) or gelu (two-matrix experts)
   // Tokens per chunk inside each expert's SwiGLU (the blockwise FFN's chunk); -1: none.
   TORCH_ARG(int64_t, chunk) = -1;

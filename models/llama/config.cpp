@@ -185,6 +185,10 @@ void LlamaConfig::validate() const {
                         num_experts_per_tok);
     }
     positive("moe_layer_freq", moe_layer_freq);
+    if (moe_layer_freq > num_hidden_layers) {
+      throw_input_error("moe_layer_freq: {} is more than num_hidden_layers {}: no layer would be an MoE layer",
+                        moe_layer_freq, num_hidden_layers);
+    }
     if (!(capacity_factor >= 0) || !(eval_capacity_factor >= 0)) {
       throw_input_error("capacity_factor / eval_capacity_factor: expected >= 0 (0: dropless), got {} / {}",
                         capacity_factor, eval_capacity_factor);
@@ -299,7 +303,8 @@ void make_glam(LlamaConfig& config) {
   config.num_local_experts = 64;
   config.num_experts_per_tok = 2;
   config.moe_layer_freq = 2;
-  config.capacity_factor = config.eval_capacity_factor = 2.0;
+  config.capacity_factor = 2.0;
+  config.eval_capacity_factor = 0;  // dropless inference: decoding token by token computes what a full forward does
   config.router_aux_loss_coef = 0.01;
   config.router_z_loss_coef = 1e-4;
   config.expert_activation = "gelu";

@@ -60,7 +60,7 @@ struct LlamaConfig {
   // every moe_layer_freq-th layer (layers freq - 1, 2 freq - 1, ...) is an MoE layer of that
   // many experts of intermediate_size, top num_experts_per_tok routing. capacity_factor 0 is
   // dropless (Mixtral); GLaM's presets use 2.0. The router losses are added to the training
-  // loss with these weights.
+  // loss with these weights, averaged over the MoE layers.
   int64_t num_local_experts = 0;
   int64_t num_experts_per_tok = 2;
   int64_t moe_layer_freq = 1;
@@ -92,8 +92,9 @@ struct LlamaConfig {
 // seed's default size) and "bllama-tiny"; GLaM's "glam-126m-64e", "glam-64b-64e" (Pax's two) and
 // "glam-tiny". Throws InputError otherwise.
 LlamaConfig preset(const std::string& name);
-// Turns `config` into a GLaM: 64 GELU experts in every other layer, top-2, capacity factor 2,
-// aux loss 0.01 and z-loss 1e-4 (bpt-train --model glam); a config with experts keeps its own.
+// Turns `config` into a GLaM: 64 GELU experts in every other layer, top-2, capacity factor 2
+// in training (dropless inference), aux loss 0.01 and z-loss 1e-4 (bpt-train --model glam); a
+// config with experts keeps its own.
 void make_glam(LlamaConfig& config);
 std::vector<std::string> preset_names();
 

@@ -233,12 +233,18 @@ at::Tensor LlamaModelImpl::forward(const at::Tensor& input_ids, const std::optio
   at::Tensor h = embed_tokens(input_ids);
   std::tie(inputs.cos, inputs.sin) = rotary->cos_sin(positions, h.scalar_type());
   router_loss = at::Tensor();
+  int64_t moe_layers = 0;
   for (const auto& module : *layers) {
     LlamaDecoderLayerImpl& layer = *module->as<LlamaDecoderLayer>();
     const LayerOutput out = run_layer ? run_layer(layer, h, inputs) : layer.forward(h, inputs);
     h = out.h;
-    if (out.router_loss.defined()) router_loss = router_loss.defined() ? router_loss + out.router_loss : out.router_loss;
+    if (!out.router_loss.defined()) continue;
+    router_loss = router_loss.defined() ? router_loss + out.router_loss : out.router_loss;
+    ++moe_layers;
   }
+  // The mean over MoE layers, so a coefficient means the same at any depth (transformers'
+  // Mixtral pools the layers' statistics into one term, of the same size).
+  if (moe_layers > 1) router_loss = router_loss / static_cast<double>(moe_layers);
   if (cache != nullptr) cache->length += T;
   return norm(h);
 }
@@ -306,6 +312,10 @@ void LlamaForCausalLMImpl::add_lora(const LoRAConfig& lora_config) {
     const bool is_attention = std::find(kAttentionProjections.begin(), kAttentionProjections.end(), name) !=
                               kAttentionProjections.end();
     (is_attention ? attention : mlp).push_back(name);
+  }
+  if (!mlp.empty() && config.num_local_experts > 0) {
+    throw_input_error("LoRA: {} adapters on an MoE model's MLPs are not supported (its experts take none); target "
+                      "the attention projections (--finetune.lora_target=attention)", mlp.front());
   }
   for (const auto& module : *model->layers) {
     auto& layer = *module->as<LlamaDecoderLayer>();

@@ -134,7 +134,7 @@ class LlamaModelImpl : public torch::nn::Cloneable<LlamaModelImpl> {
   using LayerRunner = std::function<LayerOutput(LlamaDecoderLayerImpl& layer, const at::Tensor& h,
                                                 const LayerInputs& inputs)>;
   LayerRunner run_layer;
-  // The last forward's router losses summed over the MoE layers (undefined without any).
+  // The last forward's weighted router losses, averaged over the MoE layers (undefined without any).
   at::Tensor router_loss;
 
   LlamaConfig config;

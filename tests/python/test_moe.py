@@ -78,14 +78,14 @@ def test_mixtral_logits_and_loss_match_transformers(mixtral):
     with torch.no_grad():
         want = hf(input_ids=ids, output_router_logits=True, labels=ids)
     torch.testing.assert_close(bpt.logits(ids), want.logits, rtol=1e-4, atol=1e-4)
-    # bpt's loss: cross-entropy plus router_aux_loss_coef x each MoE layer's load-balancing
-    # loss, summed over layers (as Switch and GLaM do; transformers pools the layers'
-    # statistics into one term instead), each layer's computed by transformers' function.
+    # bpt's loss: cross-entropy plus router_aux_loss_coef x the mean of the MoE layers'
+    # load-balancing losses (transformers pools the layers' statistics into one term
+    # instead), each layer's computed by transformers' function.
     targets = torch.cat([ids[:, 1:], torch.full((2, 1), -100)], dim=1)
     cross_entropy = torch.nn.functional.cross_entropy(want.logits[:, :-1].reshape(-1, 128), ids[:, 1:].reshape(-1))
     per_layer = [load_balancing_loss_func((logits,), 8, 2) for logits in want.router_logits]
     assert all(aux > 1.0 for aux in per_layer)
-    torch.testing.assert_close(bpt.loss(ids, targets), cross_entropy + 0.02 * sum(per_layer), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(bpt.loss(ids, targets), cross_entropy + 0.02 * sum(per_layer) / 2, rtol=1e-4, atol=1e-4)
 
 
 def test_mixtral_checkpoint_round_trips(mixtral, tmp_path):
@@ -140,3 +140,53 @@ def test_glam_world_2_equals_world_1(tmp_path):
     assert two.returncode == 0, two.stderr
     for a, b in zip(records(tmp_path / "one"), records(tmp_path / "two"), strict=True):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
+
+
+def test_router_losses_train_alike_with_and_without_remat(tmp_path):
+    # Capacity drops and both router losses on: recomputing a layer in backward (remat)
+    # gives the gradients keeping its activations does.
+    runs = {}
+    for policy in ("nothing_saveable", "checkpoint_dots", "everything_saveable"):
+        out = tmp_path / policy
+        result = run_app("train", *GLAM, "--total_steps=4", "--llama.capacity_factor=1", "--llama.router_z_loss_coef=0.01",
+                         f"--llama.remat_policy={policy}", f"--logger.output_dir={out}")
+        assert result.returncode == 0, result.stderr
+        runs[policy] = records(out)
+    assert all(r["router_dropped_fraction"] > 0 for r in runs["nothing_saveable"])
+    for policy in ("checkpoint_dots", "everything_saveable"):
+        for a, b in zip(runs["nothing_saveable"], runs[policy], strict=True):
+            assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
+            assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+
+
+def test_glam_generation_is_the_same_with_and_without_the_cache(tmp_path):
+    out = tmp_path / "glam"
+    assert run_app("train", *GLAM, "--total_steps=2", f"--logger.output_dir={out}").returncode == 0
+    ids = torch.randint(0, 256, (12,))
+    model = Llama(out / "checkpoint")
+    torch.testing.assert_close(model.generate(ids, 8, True), model.generate(ids, 8, False))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--finetune.mode=lora", "--finetune.lora_target=mlp"], "adapters on an MoE model's MLPs are not supported"),
+    (["--llama.moe_layer_freq=3"], "moe_layer_freq: 3 is more than num_hidden_layers 2"),
+    (["--llama.num_experts_per_tok=5"], "num_experts_per_tok: expected 1 to num_local_experts (4), got 5"),
+    (["--llama.expert_activation=relu"], "expert_activation: expected silu or gelu"),
+])
+def test_bad_moe_settings_exit_2(mixtral, tmp_path, flags, message):
+    base = [*GLAM, "--total_steps=1", f"--logger.output_dir={tmp_path}"]
+    if flags[0].startswith("--finetune"):
+        base = [a for a in base if not a.startswith(("--model", "--load_llama_config", "--llama.num_local"))]
+        base.append(f"--load_checkpoint=hf::{mixtral[0]}")
+    result = run_app("train", *base, *flags)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+def test_glam_on_a_dense_checkpoint_is_refused(tmp_path):
+    dense = tmp_path / "dense"
+    assert run_app("train", "--train_dataset.type=synthetic", "--train_dataset.json_dataset.seq_length=16",
+                   "--train_dataset.json_dataset.batch_size=1", "--total_steps=1", "--progress=never",
+                   f"--logger.output_dir={dense}").returncode == 0
+    result = run_app("train", *GLAM, "--total_steps=1", f"--load_checkpoint=hf::{dense / 'checkpoint'}",
+                     "--load_llama_config=", f"--logger.output_dir={tmp_path / 'g'}")
+    assert result.returncode == 2 and "is a dense model" in result.stderr, result.stderr
