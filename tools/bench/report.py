@@ -13,7 +13,8 @@ from collections import defaultdict
 from pathlib import Path
 
 # The implementation each benchmark compares against (first found in a case).
-BASELINES = ("torch", "sdpa", "unfused", "unchunked", "vanilla", "hf-sdpa", "torch-fsdp2", "llama-fp32", "torch-lora")
+BASELINES = ("torch", "sdpa", "unfused", "unchunked", "vanilla", "hf-sdpa", "torch-fsdp2", "llama-fp32", "torch-lora",
+             "torch-loop")
 
 
 def _num(v):
