@@ -142,6 +142,15 @@ def _run_in_process(script: str, params: dict, phase: str, timeout: float) -> di
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def safetensors_numel(path: Path) -> int:
+    """Elements of every tensor in a .safetensors file, read from its JSON header."""
+    import math
+
+    with open(path, "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    return sum(math.prod(t["shape"]) for name, t in header.items() if name != "__metadata__")
+
+
 def write_records(path: Path, records: list) -> None:
     """The --out file: the records, each with the machine they ran on."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -39,7 +39,6 @@ LoRA; torch: requires_grad parameters); it is in the JSON, not the table.
 """
 
 import json
-import math
 import statistics
 import subprocess
 import sys
@@ -48,7 +47,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, main, peak_memory_mb  # noqa: E402
+from common import REPO, main, peak_memory_mb, safetensors_numel  # noqa: E402
 
 PHASES = ("step",)
 MODEL = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12)
@@ -84,13 +83,6 @@ def hf_model(p):
                          max_position_embeddings=max(2048, p["T"]), tie_word_embeddings=False, use_cache=False,
                          attn_implementation="sdpa")
     return LlamaForCausalLM(config).float().train()
-
-
-def safetensors_numel(path: Path) -> int:
-    """Elements of every tensor in a .safetensors file, read from its JSON header."""
-    with open(path, "rb") as f:
-        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-    return sum(math.prod(t["shape"]) for name, t in header.items() if name != "__metadata__")
 
 
 def run_bpt(p):

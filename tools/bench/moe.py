@@ -59,7 +59,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, main, measure  # noqa: E402
+from common import REPO, main, measure, safetensors_numel  # noqa: E402
 
 PHASES = ("fwd", "fwdbwd", "step")  # step: task=train only; fwd, fwdbwd: task=layer only
 LAYER = dict(N=4096, C=512, I=1408)
@@ -211,15 +211,6 @@ def run_layer(p, phase):
 
 
 # ---- task=train
-
-def safetensors_numel(path: Path) -> int:
-    """Elements of every tensor in a .safetensors file, read from its JSON header."""
-    import math
-
-    with open(path, "rb") as f:
-        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-    return sum(math.prod(t["shape"]) for name, t in header.items() if name != "__metadata__")
-
 
 def run_train(p):
     glam = p["impl"] == "glam"
