@@ -96,6 +96,16 @@ inline void apply_llama_overrides(const CLI::App& app, const std::vector<std::st
   }
 }
 
+// What the programs pass to io::load_llama_model to adjust a checkpoint's config: the
+// command line's --llama.<field> overrides, and --dtype when it is given.
+inline std::function<void(models::llama::LlamaConfig&)> command_line_config(const CLI::App& app,
+                                                                            const std::string& dtype) {
+  return [&app, dtype](models::llama::LlamaConfig& config) {
+    apply_llama_overrides(app, app.remaining(), config);
+    if (!dtype.empty()) config.dtype = models::llama::parse_dtype(dtype, "--dtype");
+  };
+}
+
 // Any leftover argument is an unknown flag, reported with the nearest known one.
 inline void reject_extras(const CLI::App& app, const std::vector<std::string>& extras) {
   if (extras.empty()) return;

@@ -50,11 +50,12 @@ int convert(int argc, char** argv) {
   if (!dtype.empty()) options.dtype = bpt::models::llama::parse_dtype(dtype, "--dtype");
   options.max_shard_bytes = bpt::parse_bytes(max_shard_size, "--max_shard_size");
   options.bpt_fields = format == "bpt";
-  options.tokenizer_from = adapter ? bpt::io::read_adapter_config(input).base_model : input;
+  options.tokenizer_from = adapter ? bpt::io::adapter_base(input) : input;
 
+  const auto command_line = bpt::app::command_line_config(app, "");
   bpt::models::llama::LlamaForCausalLM model = bpt::io::load_llama_model(
       input, [&](bpt::models::llama::LlamaConfig& config) {
-        bpt::app::apply_llama_overrides(app, app.remaining(), config);
+        command_line(config);
         if (quantize == "ternary" && !config.bitlinear) {
           bpt::throw_input_error("--quantize ternary: {} is not a bLLaMA (its config.json has model_type 'llama'; "
                                  "BitLinear layers are what gets quantized)", input);

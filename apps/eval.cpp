@@ -69,10 +69,7 @@ int evaluate(int argc, char** argv) {
     }
   }
   const std::vector<bpt::eval::Record> records = bpt::eval::read_records(data_path, max_examples);
-  LlamaForCausalLM model = bpt::io::load_llama_model(model_dir, [&](LlamaConfig& config) {
-    bpt::app::apply_llama_overrides(app, app.remaining(), config);
-    if (!dtype.empty()) config.dtype = bpt::models::llama::parse_dtype(dtype, "--dtype");
-  });
+  LlamaForCausalLM model = bpt::io::load_llama_model(model_dir, bpt::app::command_line_config(app, dtype));
   if (tokenizer_path.empty()) tokenizer_path = bpt::io::default_tokenizer(model_dir);
   const bpt::data::Tokenizer tokenizer(tokenizer_path);
   tokenizer.check_fits(model->config.vocab_size);

@@ -103,10 +103,7 @@ int generate(int argc, char** argv) {
   if (tokenizer_path.empty()) tokenizer_path = bpt::io::default_tokenizer(model_dir);
   const bpt::data::Tokenizer tokenizer(tokenizer_path);
   const bpt::models::llama::LlamaForCausalLM model =
-      bpt::io::load_llama_model(model_dir, [&](bpt::models::llama::LlamaConfig& config) {
-        bpt::app::apply_llama_overrides(app, app.remaining(), config);
-        if (!dtype.empty()) config.dtype = bpt::models::llama::parse_dtype(dtype, "--dtype");
-      });
+      bpt::io::load_llama_model(model_dir, bpt::app::command_line_config(app, dtype));
   tokenizer.check_fits(model->config.vocab_size);
   options.eos_ids = model->config.eos_token_ids;
   options.sampling.vocab_limit = tokenizer.vocab_size();

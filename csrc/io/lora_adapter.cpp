@@ -43,6 +43,15 @@ void check_unsupported(const json& config, const std::string& path) {
   }
 }
 
+// config's base_model_name_or_path (read from dir), checked to be a directory.
+std::string base_directory(const AdapterConfig& config, const std::string& dir) {
+  if (config.base_model.empty() || !fs::is_directory(config.base_model)) {
+    throw_input_error("{}/{}: base_model_name_or_path '{}' is not a directory (bpt reads the base model from disk)",
+                      dir, kConfigFile, config.base_model);
+  }
+  return config.base_model;
+}
+
 }  // namespace
 
 bool is_lora_adapter(const std::string& dir) { return fs::is_regular_file(fs::path(dir) / kConfigFile); }
@@ -82,14 +91,7 @@ AdapterConfig read_adapter_config(const std::string& dir) {
   return result;
 }
 
-std::string adapter_base(const std::string& dir) {
-  const std::string base = read_adapter_config(dir).base_model;
-  if (base.empty() || !fs::is_directory(base)) {
-    throw_input_error("{}/{}: base_model_name_or_path '{}' is not a directory (bpt reads the base model from disk)",
-                      dir, kConfigFile, base);
-  }
-  return base;
-}
+std::string adapter_base(const std::string& dir) { return base_directory(read_adapter_config(dir), dir); }
 
 void check_same_adapters(const AdapterConfig& saved, const models::llama::LoRAConfig& current, const std::string& dir) {
   const auto differ = [&](const char* field, const std::string& was, const std::string& now) {
@@ -192,7 +194,7 @@ models::llama::LlamaForCausalLM load_llama_model(const std::string& dir,
   std::string base = dir;
   if (is_lora_adapter(dir)) {
     adapter = read_adapter_config(dir);
-    base = adapter_base(dir);
+    base = base_directory(*adapter, dir);
   }
   models::llama::LlamaConfig config = read_llama_config(base);
   if (configure) configure(config);

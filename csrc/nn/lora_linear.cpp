@@ -58,7 +58,9 @@ at::Tensor LoRALinearImpl::forward(const at::Tensor& x) {
   return base.forward<at::Tensor>(x) + lora_B(lora_A(h)) * scaling();
 }
 
-at::Tensor LoRALinearImpl::delta_weight() const { return at::mm(lora_B->weight, lora_A->weight) * scaling(); }
+at::Tensor LoRALinearImpl::delta_weight() const {
+  return at::mm(lora_B->weight.to(at::kFloat), lora_A->weight.to(at::kFloat)) * scaling();
+}
 
 torch::nn::AnyModule LoRALinearImpl::merge() {
   auto* linear = base.ptr()->as<torch::nn::Linear>();
@@ -66,8 +68,7 @@ torch::nn::AnyModule LoRALinearImpl::merge() {
               "absorb the update); keep the adapter beside it");
   at::NoGradGuard no_grad;
   // In fp32, as peft merges, so a bf16 model rounds once (the sum), not three times.
-  const at::Tensor delta = at::mm(lora_B->weight.to(at::kFloat), lora_A->weight.to(at::kFloat)) * scaling();
-  linear->weight.copy_(linear->weight.to(at::kFloat) + delta);
+  linear->weight.copy_(linear->weight.to(at::kFloat) + delta_weight());
   return base;
 }
 

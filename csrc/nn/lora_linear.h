@@ -40,7 +40,7 @@ class LoRALinearImpl : public torch::nn::Cloneable<LoRALinearImpl> {
   at::Tensor forward(const at::Tensor& x);
 
   double scaling() const { return options.alpha() / static_cast<double>(options.rank()); }
-  // (alpha / rank) B A, [out, in]: what merging adds to a Linear base's weight.
+  // (alpha / rank) B A, [out, in], in fp32: what merging adds to a Linear base's weight.
   at::Tensor delta_weight() const;
   // Adds delta_weight() into the base's weight and returns the base, which then computes what
   // this layer did (up to rounding). Only a Linear base merges: a BitLinear quantizes its

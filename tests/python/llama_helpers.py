@@ -13,6 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import bpt
 
 BUILD = Path(bpt.library_path()).parent
+ROOT = Path(__file__).resolve().parents[2]
 CORPUS = Path("/usr/share/common-licenses/GPL-3")  # any English text from a Debian package
 
 TINY = dict(vocab_size=512, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -48,6 +49,12 @@ def run_app(name: str, *args: str, timeout: int = 300) -> subprocess.CompletedPr
     """Runs build/bpt-<name> with `args`, capturing its output."""
     return subprocess.run([str(BUILD / f"bpt-{name}"), *map(str, args)], capture_output=True, text=True,
                           timeout=timeout)
+
+
+def run_launch(nproc: int, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Runs bpt-train over `nproc` local processes through tools/launch, capturing its output."""
+    return subprocess.run([str(ROOT / "tools/launch"), "--nproc", str(nproc), "bpt-train", *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def edit_config(directory: Path, **changes) -> None:

@@ -10,7 +10,6 @@ Microsoft's later 2B4T architecture, with sub-norms before o_proj and down_proj 
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -22,10 +21,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from bpt.llama import Llama
-from llama_helpers import run_app, train_tokenizer
+from llama_helpers import ROOT, run_app, run_launch, train_tokenizer
 from reference import activation_quant, weight_quant
 
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def ste(quantize, x):
@@ -126,10 +124,8 @@ def test_fsdp_training_follows_one_process(tmp_path):
     """Two ranks against one: quantization turns float-order differences into occasional
     one-level steps, so the runs agree closely rather than to float precision."""
     train(tmp_path / "one", "--total_steps=5")
-    result = subprocess.run(
-        [str(ROOT / "tools/launch"), "--nproc", "2", "bpt-train", "--config", str(ROOT / "configs/llama/tiny.toml"),
-         "--model=bllama", "--progress=never", "--log_freq=1", f"--logger.output_dir={tmp_path / 'two'}",
-         "--total_steps=5"], capture_output=True, text=True, timeout=180)
+    result = run_launch(2, "--config", ROOT / "configs/llama/tiny.toml", "--model=bllama", "--progress=never",
+                        "--log_freq=1", f"--logger.output_dir={tmp_path / 'two'}", "--total_steps=5", timeout=180)
     assert result.returncode == 0, result.stderr
     read = lambda p: [json.loads(l)["loss"] for l in (p / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]  # noqa: E731
     for one, two in zip(read(tmp_path / "one"), read(tmp_path / "two"), strict=True):

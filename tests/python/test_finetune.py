@@ -4,9 +4,7 @@ loads over transformers' model, merged checkpoints, resuming and FSDP, and evalu
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,9 +15,8 @@ from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
 from bpt.llama import Llama
-from llama_helpers import TINY, run_app, save_hf_model, train_tokenizer
+from llama_helpers import TINY, run_app, run_launch, save_hf_model, train_tokenizer
 
-ROOT = Path(__file__).resolve().parents[2]
 # A synthetic SFT task: eight prompts, each with a one-word answer to learn.
 ANSWERS = {"first": "software", "second": "freedom", "third": "program", "fourth": "license", "fifth": "source",
            "sixth": "patent", "seventh": "warranty", "eighth": "copyright"}
@@ -118,9 +115,7 @@ def test_merged_checkpoint_equals_base_plus_adapter(base, lora_run, tmp_path):
 
 
 def launch(nproc: int, args: list[str]) -> None:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run([str(ROOT / "tools/launch"), "--nproc", str(nproc), "bpt-train", *args],
-                            capture_output=True, text=True, timeout=300, env=env)
+    result = run_launch(nproc, *args)
     assert result.returncode == 0, result.stderr
 
 

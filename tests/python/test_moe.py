@@ -5,8 +5,6 @@ opcheck), bpt's MoE LLaMA against transformers' MixtralForCausalLM on the same r
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -15,9 +13,8 @@ from transformers import MixtralConfig, MixtralForCausalLM
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
 from bpt.llama import Llama
-from llama_helpers import CORPUS, run_app, train_tokenizer
+from llama_helpers import CORPUS, run_app, run_launch, train_tokenizer
 
-ROOT = Path(__file__).resolve().parents[2]
 dispatch, combine = torch.ops.bpt.moe_dispatch, torch.ops.bpt.moe_combine
 
 
@@ -133,10 +130,7 @@ def test_glam_world_2_equals_world_1(tmp_path):
              "--total_steps=5"]
     one = run_app("train", *GLAM, *exact, f"--logger.output_dir={tmp_path / 'one'}")
     assert one.returncode == 0, one.stderr
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    two = subprocess.run([str(ROOT / "tools/launch"), "--nproc", "2", "bpt-train", *GLAM, *exact,
-                          f"--logger.output_dir={tmp_path / 'two'}"], capture_output=True, text=True, timeout=300,
-                         env=env)
+    two = run_launch(2, *GLAM, *exact, f"--logger.output_dir={tmp_path / 'two'}")
     assert two.returncode == 0, two.stderr
     for a, b in zip(records(tmp_path / "one"), records(tmp_path / "two"), strict=True):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
