@@ -168,6 +168,9 @@ int train(int argc, char** argv) {
                         launch.world_size);
     }
   }
+  if (config.expert_parallel) {
+    bpt::train::check_expert_parallel(llama, bpt::dist::parse_mesh_dim(config.mesh_dim, launch.world_size).fsdp);
+  }
   const bpt::dist::Mesh mesh =
       bpt::dist::make_mesh(launch, config.mesh_dim, std::chrono::seconds(config.dist_timeout_s));
   std::unique_ptr<bpt::data::Tokenizer> tokenizer;
@@ -193,7 +196,7 @@ int train(int argc, char** argv) {
   bpt::train::LlamaModule module(model, bpt::train::parse_remat_policy(llama.remat_policy));
   module.tokenizer_file = config.tokenizer_vocab_file;
   if (lora) module.lora_base = fs::absolute(weights).lexically_normal().string();
-  if (mesh.distributed()) module.shard(mesh, config.fsdp);
+  if (mesh.distributed()) module.shard(mesh, config.fsdp, config.expert_parallel);
 
   if (!config.load_dataset_state.empty()) {
     std::ifstream stream(config.load_dataset_state);

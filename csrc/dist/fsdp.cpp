@@ -32,26 +32,48 @@ struct Fsdp::Unit {
   bool gathering = false, is_gathered = false;
   bool kept_for_backward = false;  // stays gathered until finish_backward (root, activations kept)
   bool trainable = true;           // false: frozen parameters, no gradients
+  bool placed = false;             // this rank's placed parameters, whole: always "gathered", never reduced
   at::Tensor grad_flat;  // [padded]: the parameters' .grad are views into it while it is set
   at::Tensor reduce_in, reduce_out;
   Work reduce;
   bool reducing = false;
 };
 
-Fsdp::Fsdp(const Mesh& mesh, std::vector<NamedParameters> units, FsdpOptions options)
+Fsdp::Fsdp(const Mesh& mesh, std::vector<NamedParameters> units, FsdpOptions options,
+           const ExpertPlacement& placement)
     : mesh_(mesh), options_(options) {
   at::NoGradGuard no_grad;
   std::vector<double> checksums;
   for (auto& parameters : units) {
     // Frozen parameters (requires_grad false: a LoRA base) get a flat buffer of their own,
-    // gathered with the trainable one but never given gradients or reduced.
-    NamedParameters frozen, trainable;
-    for (auto& item : parameters) (item.second.requires_grad() ? trainable : frozen).push_back(std::move(item));
+    // gathered with the trainable one but never given gradients or reduced. So do this
+    // rank's placed parameters, trainable and frozen; other ranks' are let go.
+    NamedParameters frozen, trainable, placed_frozen, placed_trainable;
+    for (auto& item : parameters) {
+      const int64_t owner = placement ? placement(item.first) : -1;
+      const bool trains = item.second.requires_grad();
+      if (owner < 0) {
+        (trains ? trainable : frozen).push_back(std::move(item));
+        continue;
+      }
+      TORCH_CHECK(owner < mesh_.fsdp_group.size(), "Fsdp: ", item.first, " placed on rank ", owner, " of ",
+                  mesh_.fsdp_group.size());
+      const at::Tensor& param = item.second;
+      checksums.push_back(param.sum().item<double>());  // every rank holds it whole here
+      checksums.push_back(param.abs().sum().item<double>());
+      placed_.push_back({{item.first, param.sizes().vec(), {{owner, 0, param.numel()}}}, trains});
+      if (owner == mesh_.fsdp_group.rank()) {
+        (trains ? placed_trainable : placed_frozen).push_back(std::move(item));
+      } else {
+        item.second.set_data(at::empty({0}, param.options()));
+      }
+    }
     std::vector<Unit*> group;
-    for (auto* part : {&trainable, &frozen}) {
+    for (auto* part : {&trainable, &frozen, &placed_trainable, &placed_frozen}) {
       // Empty parts are left out, but every index keeps one unit, if empty, for run() to find.
       if (part->empty() && !(part == &frozen && group.empty())) continue;
-      units_.push_back(make_unit(*part, part == &trainable, checksums));
+      const bool placed = part == &placed_trainable || part == &placed_frozen;
+      units_.push_back(make_unit(*part, part == &trainable || part == &placed_trainable, placed, checksums));
       group.push_back(units_.back().get());
     }
     groups_.push_back(std::move(group));
@@ -71,11 +93,13 @@ Fsdp::Fsdp(const Mesh& mesh, std::vector<NamedParameters> units, FsdpOptions opt
   }
 }
 
-std::unique_ptr<Fsdp::Unit> Fsdp::make_unit(NamedParameters& parameters, bool trainable,
+std::unique_ptr<Fsdp::Unit> Fsdp::make_unit(NamedParameters& parameters, bool trainable, bool placed,
                                              std::vector<double>& checksums) {
-  const int64_t ranks = mesh_.fsdp_group.size(), rank = mesh_.fsdp_group.rank();
+  // A placed unit is a "shard" of a group of one: the whole buffer, here.
+  const int64_t ranks = placed ? 1 : mesh_.fsdp_group.size(), rank = placed ? 0 : mesh_.fsdp_group.rank();
   auto unit = std::make_unique<Unit>();
   unit->trainable = trainable;
+  unit->placed = placed;
   int64_t total = 0;
   at::TensorOptions options = at::TensorOptions().dtype(at::kFloat);
   for (auto& [name, param] : parameters) {
@@ -100,6 +124,14 @@ std::unique_ptr<Fsdp::Unit> Fsdp::make_unit(NamedParameters& parameters, bool tr
     entry.begin = std::clamp(unit->shard_offset, entry.offset, entry.offset + entry.numel);
     entry.end = std::clamp(unit->shard_offset + unit->shard_numel, entry.offset, entry.offset + entry.numel);
     entry.param.set_data(at::empty({0}, flat.options()));
+  }
+  if (placed) {  // the parameters live in the buffer for good
+    unit->shard = flat;
+    unit->is_gathered = true;
+    for (Entry& entry : unit->entries) {
+      entry.param.set_data(flat.narrow(0, entry.offset, entry.numel).view(entry.shape));
+    }
+    return unit;
   }
   unit->shard = flat.narrow(0, unit->shard_offset, unit->shard_numel).clone();
   checksums.push_back(flat.sum().item<double>());
@@ -129,7 +161,7 @@ void Fsdp::wait_gathered(Unit& unit) {
 }
 
 void Fsdp::free(Unit& unit) {
-  if (!unit.is_gathered) return;
+  if (!unit.is_gathered || unit.placed) return;
   if (unit.grad_flat.defined()) {  // gathered for a backward that never came (start_reduce takes it otherwise)
     for (Entry& entry : unit.entries) entry.param.mutable_grad() = at::Tensor();
     unit.grad_flat = at::Tensor();
@@ -145,7 +177,10 @@ at::ScalarType Fsdp::reduce_dtype(const Unit& unit) const { return options_.fp32
 void Fsdp::attach_grads(Unit& unit) {
   // Autograd adds into a parameter's existing .grad in place, so gradients land in the flat
   // buffer the reduce-scatter sends, with no copy. (An fp32 reduce of bf16 parameters copies.)
-  if (!unit.trainable || unit.grad_flat.defined() || reduce_dtype(unit) != unit.dtype || !at::GradMode::is_enabled()) {
+  // A placed unit's gradient is summed in place over the micro-batches until finish_backward.
+  // (The recomputing path calls this with grad mode off: finish_backward then takes .grad.)
+  if (!unit.trainable || unit.grad_flat.defined() || !at::GradMode::is_enabled() ||
+      (reduce_dtype(unit) != unit.dtype && !unit.placed)) {
     return;
   }
   unit.grad_flat = at::zeros({unit.padded}, unit.shard.options());
@@ -155,7 +190,7 @@ void Fsdp::attach_grads(Unit& unit) {
 }
 
 void Fsdp::start_reduce(Unit& unit) {
-  if (!unit.trainable) return;
+  if (!unit.trainable || unit.placed) return;
   // At most one other reduce in flight: each holds a whole unit's gradients.
   for (auto& other : units_) {
     if (other.get() != &unit) finish_reduce(*other);
@@ -248,6 +283,21 @@ void Fsdp::finish_backward() {
     free(*unit);
   }
   for (auto& unit : units_) finish_reduce(*unit);
+  for (auto& unit : units_) {
+    // A placed unit's gradients were summed where they are: in its flat buffer, or (when
+    // backward recomputed the layer, with grad mode off) in the parameters' own .grad. Every
+    // replica gets one, zeros if no token reached its experts, for the all-reduce below.
+    if (!unit->placed || !unit->trainable) continue;
+    unit->grad_shard = unit->grad_flat.defined() ? std::move(unit->grad_flat) : at::zeros_like(unit->shard);
+    unit->grad_flat = at::Tensor();
+    for (Entry& entry : unit->entries) {
+      at::Tensor& grad = entry.param.mutable_grad();
+      if (grad.defined() && !grad.is_alias_of(unit->grad_shard)) {
+        unit->grad_shard.narrow(0, entry.offset, entry.numel).add_(grad.reshape({-1}));
+      }
+      grad = at::Tensor();
+    }
+  }
   const double world = static_cast<double>(mesh_.world_size());
   for (auto& unit : units_) {
     if (!unit->grad_shard.defined()) continue;  // no gradient reached this unit
@@ -276,6 +326,7 @@ void Fsdp::release() {
 std::map<std::string, std::vector<int64_t>> Fsdp::shapes() const {
   std::map<std::string, std::vector<int64_t>> result;
   for (const auto& [name, entry] : by_name_) result[name] = entry->shape;
+  for (const auto& [tensor, trains] : placed_) result[tensor.name] = tensor.shape;
   return result;
 }
 
@@ -303,6 +354,7 @@ io::NamedTensors Fsdp::gather_trainable() {
   io::NamedTensors result;
   for (const auto& unit : units_) {
     if (!unit->trainable || unit->entries.empty()) continue;
+    TORCH_CHECK(!unit->placed, "Fsdp::gather_trainable: ", unit->entries[0].name, " is placed on one rank");
     at::Tensor flat = at::empty({unit->padded}, unit->shard.options());
     mesh_.fsdp_group.all_gather(flat, unit->shard).wait();
     for (const Entry& entry : unit->entries) {
@@ -314,7 +366,12 @@ io::NamedTensors Fsdp::gather_trainable() {
 
 bool Fsdp::assign(const std::string& name, const at::Tensor& whole) {
   const Entry* entry = find(name);
-  if (entry == nullptr) return false;
+  if (entry == nullptr) {  // another rank's placed parameter, or none
+    const size_t dot = name.rfind('.');
+    return std::any_of(placed_.begin(), placed_.end(), [&](const auto& placed) {
+      return placed.first.name == name || (dot != std::string::npos && placed.first.name == name.substr(0, dot));
+    });
+  }
   if (entry->end == entry->begin) return true;  // no element of it on this rank
   at::NoGradGuard no_grad;
   const Unit& unit = *units_[entry->unit];
@@ -344,8 +401,11 @@ void Fsdp::write_index(const std::string& dir, const std::vector<std::string>& k
   if (mesh_.rank() != 0) return;
   const bool weights = std::find(kinds.begin(), kinds.end(), "model") != kinds.end();
   std::vector<io::ShardedTensor> tensors;
+  for (const auto& [tensor, trains] : placed_) {
+    if (weights || trains) tensors.push_back(tensor);
+  }
   for (const auto& unit : units_) {
-    if (!weights && !unit->trainable) continue;
+    if ((!weights && !unit->trainable) || unit->placed) continue;
     for (const Entry& entry : unit->entries) {
       io::ShardedTensor tensor{entry.name, entry.shape, {}};
       for (int64_t r = 0; r < mesh_.fsdp_group.size(); ++r) {

@@ -14,6 +14,11 @@
 // - Parameters that do not require grad (a LoRA fine-tune's frozen base) are sharded and
 //   gathered alike, in a flat buffer of their own beside the unit's trainable one; they get no
 //   gradient buffer, no reduce-scatter and no optimizer piece.
+// - Expert parallelism (csrc/dist/expert_parallel.h): a parameter an ExpertPlacement gives to
+//   fsdp rank r is held whole by that rank alone (in a flat buffer of the unit's, never
+//   gathered), and left out everywhere else. Its gradient is summed over micro-batches where
+//   it is, all-reduced over the dp group and averaged as the shards' are; in checkpoints it is
+//   one piece in rank r's file.
 // - With recompute off (remat policy everything_saveable) a unit stays gathered until
 //   finish_backward(), its activations kept, as FSDP's reshard_after_forward=False.
 // - The root unit is gathered on first use in a step and kept until finish_backward() (as
@@ -29,6 +34,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -37,6 +43,7 @@
 
 #include "csrc/dist/process_group.h"
 #include "csrc/io/safetensors.h"
+#include "csrc/io/sharded_checkpoint.h"
 #include "csrc/nn/checkpoint.h"
 
 namespace bpt::dist {
@@ -47,13 +54,17 @@ struct FsdpOptions {
 };
 
 using NamedParameters = std::vector<std::pair<std::string, at::Tensor>>;
+// The fsdp rank holding parameter `name` whole (expert parallelism), or -1: sharded.
+using ExpertPlacement = std::function<int64_t(const std::string& name)>;
 
 class Fsdp {
  public:
   // units[0] is the root. Every rank passes the same units with the same values (the same
   // seed, or loaded weights: checked, it fails otherwise); each keeps its shard and empties
-  // the module's tensors. The shards stay on the parameters' device.
-  Fsdp(const Mesh& mesh, std::vector<NamedParameters> units, FsdpOptions options = {});
+  // the module's tensors. The shards stay on the parameters' device. Parameters `placement`
+  // gives a rank are kept whole by that rank and emptied on the others.
+  Fsdp(const Mesh& mesh, std::vector<NamedParameters> units, FsdpOptions options = {},
+       const ExpertPlacement& placement = {});
   ~Fsdp();
   Fsdp(const Fsdp&) = delete;
   Fsdp& operator=(const Fsdp&) = delete;
@@ -73,7 +84,7 @@ class Fsdp {
   // base, are sharded too but never updated): (name, 1-D view into the shard), for the
   // optimizer. Parameters with no element on this rank are left out.
   const NamedParameters& pieces() const { return pieces_; }
-  // Each parameter's whole shape, by name.
+  // Each parameter's whole shape, by name (those held by other ranks too).
   std::map<std::string, std::vector<int64_t>> shapes() const;
   // `local` summed over the fsdp group (squared gradient norms of the pieces).
   double sum_over_shards(double local) const;
@@ -91,10 +102,12 @@ class Fsdp {
   // ones only when no "model" files are written: the optimizer's state has no frozen pieces).
   void write_index(const std::string& dir, const std::vector<std::string>& kinds) const;
   // Every trainable parameter whole, gathered from the shards: a collective, every rank of
-  // the fsdp group calls it. For saving what is small, such as LoRA adapters.
+  // the fsdp group calls it. For saving what is small, such as LoRA adapters (none may be
+  // placed on one rank).
   io::NamedTensors gather_trainable();
   // Copies this rank's piece of `whole` (the whole tensor named `name`, or "<name>.<suffix>")
-  // into the shard; false if no parameter has that name.
+  // into the shard (nothing for a parameter another rank holds); false if no parameter has
+  // that name.
   bool assign(const std::string& name, const at::Tensor& whole);
   // This rank's piece of the whole tensor `whole` of parameter `name` (or "<name>.<suffix>").
   at::Tensor piece_of(const std::string& name, const at::Tensor& whole) const;
@@ -105,7 +118,9 @@ class Fsdp {
   struct Entry;
   struct Unit;
   // Flattens `parameters` into a unit and keeps this rank's shard; appends its checksums.
-  std::unique_ptr<Unit> make_unit(NamedParameters& parameters, bool trainable, std::vector<double>& checksums);
+  // A placed unit: this rank's placed parameters whole, nothing appended.
+  std::unique_ptr<Unit> make_unit(NamedParameters& parameters, bool trainable, bool placed,
+                                  std::vector<double>& checksums);
   void start_gather(Unit& unit);
   void wait_gathered(Unit& unit);
   void free(Unit& unit);
@@ -124,6 +139,8 @@ class Fsdp {
   std::vector<std::vector<Unit*>> groups_;
   NamedParameters pieces_;
   std::map<std::string, const Entry*> by_name_;
+  // Every placed parameter (this rank's too), as the checkpoint index lists it, and whether it trains.
+  std::vector<std::pair<io::ShardedTensor, bool>> placed_;
   int64_t communicated_bytes_ = 0;
 };
 

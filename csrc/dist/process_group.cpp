@@ -11,6 +11,7 @@
 
 #include <cmath>
 #include <cstdlib>
+#include <numeric>
 #include <optional>
 #include <vector>
 
@@ -240,6 +241,31 @@ void Group::all_reduce(at::Tensor t) const {
   std::vector<at::Tensor> tensors{t.device() == backend_->device ? t : t.to(backend_->device)};
   collective(*this, "all-reduce", [&] { return backend_->backend->allreduce(tensors); }).wait();
   if (!tensors[0].is_same(t)) t.copy_(tensors[0]);
+}
+
+void Group::all_to_all(at::Tensor out, const at::Tensor& in, const std::vector<int64_t>& out_splits,
+                       const std::vector<int64_t>& in_splits) const {
+  const auto rows = [](const std::vector<int64_t>& splits) {
+    return std::accumulate(splits.begin(), splits.end(), int64_t{0});
+  };
+  TORCH_CHECK(static_cast<int64_t>(out_splits.size()) == size_ && static_cast<int64_t>(in_splits.size()) == size_,
+              "all_to_all: one split per rank");
+  TORCH_CHECK(in.size(0) == rows(in_splits) && out.size(0) == rows(out_splits), "all_to_all: ", in.size(0),
+              " rows in and ", out.size(0), " out, but the splits add up to ", rows(in_splits), " and ",
+              rows(out_splits));
+  if (!backend_) {
+    out.copy_(in);
+    return;
+  }
+  const at::Device device = backend_->device;
+  at::Tensor send = in.to(device).contiguous();
+  at::Tensor receive =
+      out.device() == device && out.is_contiguous() ? out : at::empty(out.sizes(), out.options().device(device));
+  std::vector<int64_t> receive_splits = out_splits, send_splits = in_splits;  // c10d takes them by reference
+  collective(*this, "all-to-all",
+             [&] { return backend_->backend->alltoall_base(receive, send, receive_splits, send_splits); })
+      .wait();
+  if (!receive.is_same(out)) out.copy_(receive);
 }
 
 std::vector<double> Group::sum(const std::vector<double>& values) const {

@@ -72,6 +72,11 @@ class Group {
   Work reduce_scatter(at::Tensor out, at::Tensor in) const;
   // t = the sum over ranks of t; waits.
   void all_reduce(at::Tensor t) const;
+  // Rows of `in` go to each rank in turn (in_splits[r] rows to rank r) and out receives
+  // out_splits[r] rows from each rank r, in rank order; waits. Small host tensors (counts)
+  // travel through the backend's device, as all_reduce's do.
+  void all_to_all(at::Tensor out, const at::Tensor& in, const std::vector<int64_t>& out_splits,
+                  const std::vector<int64_t>& in_splits) const;
   void barrier() const;
   // The element-wise sum over ranks of each rank's `values` (small host numbers: counts,
   // norms); waits.

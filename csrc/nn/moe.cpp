@@ -113,17 +113,27 @@ std::pair<at::Tensor, Routing> MoELayerImpl::forward(const at::Tensor& x) {
   Routing routing = route(logits, options.top_k(), expert_capacity(factor, options.top_k(), N, options.num_experts()));
 
   const at::Tensor slots = ops::moe_dispatch(tokens, routing.token);
-  std::vector<at::Tensor> outputs;
-  int64_t offset = 0;
-  for (int64_t e = 0; e < options.num_experts(); ++e) {
-    const int64_t count = routing.counts[static_cast<size_t>(e)];
-    if (count > 0) outputs.push_back(experts[e]->as<MoEExpert>()->forward(slots.narrow(0, offset, count)));
-    offset += count;
-  }
-  const at::Tensor expert_out = outputs.empty() ? slots : at::cat(outputs);
+  const at::Tensor expert_out =
+      compute_experts ? compute_experts(*this, slots, routing.counts) : run_experts(slots, routing.counts);
   const at::Tensor out = ops::moe_combine(expert_out, routing.token, routing.weight, N).view(x.sizes());
   last_stats = {routing.aux_loss.item<double>(), routing.z_loss.item<double>(), routing.dropped_fraction};
   return {out, std::move(routing)};
+}
+
+at::Tensor MoELayerImpl::run_experts(const at::Tensor& rows, const std::vector<int64_t>& counts, int64_t first) {
+  TORCH_CHECK(first >= 0 && first + static_cast<int64_t>(counts.size()) <= options.num_experts(),
+              "MoELayer::run_experts: experts ", first, "..", first + static_cast<int64_t>(counts.size()) - 1,
+              " of ", options.num_experts());
+  std::vector<at::Tensor> outputs;
+  int64_t offset = 0;
+  for (size_t i = 0; i < counts.size(); ++i) {
+    const auto& expert = experts[first + static_cast<int64_t>(i)]->as<MoEExpert>();
+    if (counts[i] > 0) outputs.push_back(expert->forward(rows.narrow(0, offset, counts[i])));
+    offset += counts[i];
+  }
+  TORCH_CHECK(offset == rows.size(0), "MoELayer::run_experts: ", rows.size(0), " rows, but the counts add up to ",
+              offset);
+  return outputs.empty() ? rows : at::cat(outputs);
 }
 
 }  // namespace bpt::nn

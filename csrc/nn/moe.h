@@ -27,6 +27,7 @@
 #include <torch/nn/modules/linear.h>
 #include <torch/nn/pimpl.h>
 
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -82,6 +83,14 @@ struct RouterStats {
   double aux_loss = 0, z_loss = 0, dropped_fraction = 0;
 };
 
+class MoELayerImpl;
+// Computes a layer's experts over the dispatched slots ([M, dim], grouped by expert, counts[e]
+// rows for expert e of all E) and returns their outputs in the same order. The default runs
+// every expert here (MoELayerImpl::run_experts); expert parallelism
+// (csrc/dist/expert_parallel.h) exchanges the slots with the ranks holding the experts.
+using ExpertCompute =
+    std::function<at::Tensor(MoELayerImpl& layer, const at::Tensor& slots, const std::vector<int64_t>& counts)>;
+
 class MoELayerImpl : public torch::nn::Cloneable<MoELayerImpl> {
  public:
   explicit MoELayerImpl(const MoEOptions& options_);
@@ -91,8 +100,12 @@ class MoELayerImpl : public torch::nn::Cloneable<MoELayerImpl> {
   // x [..., dim] -> (out [..., dim], routing with its losses). The caller weights and adds the
   // losses (the model's router_aux_loss_coef and router_z_loss_coef).
   std::pair<at::Tensor, Routing> forward(const at::Tensor& x);
+  // Experts first, first + 1, ... over `rows` grouped by expert (counts[i] rows for expert
+  // first + i), each over its contiguous slice, outputs in the same order.
+  at::Tensor run_experts(const at::Tensor& rows, const std::vector<int64_t>& counts, int64_t first = 0);
 
   MoEOptions options;
+  ExpertCompute compute_experts;  // unset: run_experts over all E here
   torch::nn::Linear gate{nullptr};
   torch::nn::ModuleList experts{nullptr};
   RouterStats last_stats;

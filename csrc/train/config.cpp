@@ -77,6 +77,8 @@ void register_flags(TrainConfig& c, io::FlagSet& flags) {
             "one -1 takes the ranks left", &c.mesh_dim);
   flags.add("fsdp.fp32_reduce", "reduce-scatter gradients in fp32 (bf16/fp16 models)", &c.fsdp.fp32_reduce);
   flags.add("fsdp.prefetch", "start the next layer's all-gather before computing this one", &c.fsdp.prefetch);
+  flags.add("expert_parallel", "place each MoE layer's experts across the fsdp group's ranks (E / fsdp each, tokens "
+            "exchanged by all-to-all) instead of sharding them", &c.expert_parallel);
   flags.add("dist_timeout", "seconds a collective or the rendezvous may wait for the other ranks", &c.dist_timeout_s);
   flags.add("logger.output_dir", "where checkpoints and metrics.jsonl go", &c.trainer.output_dir);
   flags.add("peak_flops", "peak FLOP/s for MFU; 0: measured once by a matmul", &c.trainer.peak_flops);

@@ -54,6 +54,7 @@ struct TrainConfig {
   // Distributed runs (launched by torchrun or tools/launch).
   std::string mesh_dim = "1,-1,1";
   dist::FsdpOptions fsdp;
+  bool expert_parallel = false;  // MoE experts placed across the fsdp group (LlamaModule::shard)
   int64_t dist_timeout_s = 600;
 };
 

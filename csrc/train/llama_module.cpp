@@ -5,6 +5,7 @@
 #include <filesystem>
 
 #include "csrc/common/error.h"
+#include "csrc/dist/expert_parallel.h"
 #include "csrc/io/hf_checkpoint.h"
 #include "csrc/io/lora_adapter.h"
 #include "csrc/io/sharded_checkpoint.h"
@@ -31,7 +32,36 @@ LlamaModule::LlamaModule(models::llama::LlamaForCausalLM model_, RematPolicy rem
   }
 }
 
-void LlamaModule::shard(const dist::Mesh& mesh, dist::FsdpOptions options) {
+namespace {
+
+// With expert parallelism, expert e of each MoE layer lives on rank expert_owner(e).
+dist::ExpertPlacement place_experts(models::llama::LlamaForCausalLMImpl& model, const dist::Mesh& mesh) {
+  const int64_t E = model.config.num_local_experts;
+  check_expert_parallel(model.config, mesh.fsdp_group.size());
+  for (const auto& layer : *model.model->layers) {
+    auto& moe = layer->as<LlamaDecoderLayerImpl>()->block_sparse_moe;
+    if (moe) moe->compute_experts = dist::expert_parallel(mesh.fsdp_group);
+  }
+  const std::string marker = ".block_sparse_moe.experts.";
+  return [marker, E, group = mesh.fsdp_group](const std::string& name) -> int64_t {
+    const size_t at = name.find(marker);
+    if (at == std::string::npos) return -1;
+    return dist::expert_owner(std::stoll(name.substr(at + marker.size())), E, group);
+  };
+}
+
+}  // namespace
+
+void check_expert_parallel(const models::llama::LlamaConfig& config, int64_t fsdp) {
+  const int64_t E = config.num_local_experts;
+  if (E == 0) throw_input_error("--expert_parallel: the model has no MoE layers (num_local_experts is 0)");
+  if (E % fsdp != 0) {
+    throw_input_error("--expert_parallel: {} experts (num_local_experts) do not divide over the {} ranks of the fsdp "
+                      "group (--mesh_dim)", E, fsdp);
+  }
+}
+
+void LlamaModule::shard(const dist::Mesh& mesh, dist::FsdpOptions options, bool expert_parallel) {
   // Unit 0 (the root): everything outside the decoder layers; unit i + 1: layer i.
   std::vector<dist::NamedParameters> units(1 + model->config.num_hidden_layers);
   const std::string layers = "model.layers.";
@@ -40,7 +70,8 @@ void LlamaModule::shard(const dist::Mesh& mesh, dist::FsdpOptions options) {
     if (item.key().rfind(layers, 0) == 0) unit = 1 + std::stoul(item.key().substr(layers.size()));
     units[unit].emplace_back(item.key(), item.value());
   }
-  fsdp_ = std::make_unique<dist::Fsdp>(mesh, std::move(units), options);
+  const dist::ExpertPlacement placement = expert_parallel ? place_experts(*model, mesh) : nullptr;
+  fsdp_ = std::make_unique<dist::Fsdp>(mesh, std::move(units), options, placement);
   sharding_.shapes = fsdp_->shapes();
   sharding_.sum_squares = [fsdp = fsdp_.get()](double local) { return fsdp->sum_over_shards(local); };
   const bool recompute = remat_ != RematPolicy::EverythingSaveable;

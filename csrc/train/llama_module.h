@@ -19,6 +19,10 @@
 
 namespace bpt::train {
 
+// InputError unless `config`'s experts can be placed over `fsdp` ranks (--expert_parallel):
+// an MoE model whose num_local_experts is a multiple of fsdp.
+void check_expert_parallel(const models::llama::LlamaConfig& config, int64_t fsdp);
+
 class LlamaModule : public TrainModule {
  public:
   LlamaModule(models::llama::LlamaForCausalLM model, RematPolicy remat);
@@ -28,7 +32,9 @@ class LlamaModule : public TrainModule {
   // its forward, so nothing_saveable and checkpoint_dots both recompute the whole layer in
   // backward; everything_saveable keeps each layer gathered, with its activations, until the
   // step's backward is done.
-  void shard(const dist::Mesh& mesh, dist::FsdpOptions options = {});
+  // expert_parallel: each MoE layer's experts are placed across the fsdp group instead
+  // (csrc/dist/expert_parallel.h; E a multiple of the group's size), tokens exchanged by all-to-all.
+  void shard(const dist::Mesh& mesh, dist::FsdpOptions options = {}, bool expert_parallel = false);
 
   StepOutput training_step(const data::Batch& batch) override;
   std::optional<StepOutput> validation_step(const data::Batch& batch) override;

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import MixtralConfig, MixtralForCausalLM
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
@@ -100,6 +101,10 @@ GLAM = ["--model=glam", "--load_llama_config=tiny", "--llama.num_local_experts=4
         "--optimizer.adamw_optimizer.lr=3e-3", "--progress=never", "--log_freq=1"]
 
 
+# Dropless and without router losses, every rank's rows route as they would in one process.
+EXACT = ["--llama.capacity_factor=0", "--llama.router_aux_loss_coef=0", "--llama.router_z_loss_coef=0"]
+
+
 def records(out: Path) -> list[dict]:
     return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
 
@@ -125,15 +130,83 @@ def test_glam_trains_logs_its_router_and_generates(tmp_path):
 
 
 def test_glam_world_2_equals_world_1(tmp_path):
-    # Dropless and without router losses, every rank's rows route as they would in one process.
-    exact = ["--llama.capacity_factor=0", "--llama.router_aux_loss_coef=0", "--llama.router_z_loss_coef=0",
-             "--total_steps=5"]
-    one = run_app("train", *GLAM, *exact, f"--logger.output_dir={tmp_path / 'one'}")
+    # The experts sharded as the rest of the model.
+    one = run_app("train", *GLAM, *EXACT, "--total_steps=5", f"--logger.output_dir={tmp_path / 'one'}")
     assert one.returncode == 0, one.stderr
-    two = run_launch(2, *GLAM, *exact, f"--logger.output_dir={tmp_path / 'two'}")
+    two = run_launch(2, *GLAM, *EXACT, "--total_steps=5", f"--logger.output_dir={tmp_path / 'two'}")
     assert two.returncode == 0, two.stderr
     for a, b in zip(records(tmp_path / "one"), records(tmp_path / "two"), strict=True):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
+
+
+def weights(checkpoint: Path, tmp_path: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's tensors whole (a sharded one through bpt-convert)."""
+    if (checkpoint / "shards.json").exists():
+        out = tmp_path / f"{checkpoint.parent.name}-whole"
+        assert run_app("convert", f"--input={checkpoint}", f"--output={out}", "--format=hf").returncode == 0
+        checkpoint = out
+    return load_file(checkpoint / "model.safetensors")
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    for x, y in zip(records(a), records(b), strict=True):
+        assert y["loss"] == pytest.approx(x["loss"], abs=1e-5)
+        assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-4)
+
+
+@pytest.mark.parametrize("remat, mesh", [
+    ("nothing_saveable", ["--mesh_dim=1,2,1"]),      # experts gradients in .grad (recomputed backward)
+    ("everything_saveable", ["--mesh_dim=1,2,1"]),   # in the flat buffer (layers kept)
+    ("nothing_saveable", ["--mesh_dim=2,2,1"]),      # 2 replicas of 2 expert ranks: all-reduced over dp
+])
+def test_expert_parallel_equals_one_process(tmp_path, remat, mesh):
+    args = [*GLAM, *EXACT, "--total_steps=3", "--optimizer.accumulate_gradient_steps=2", f"--llama.remat_policy={remat}"]
+    one = run_app("train", *args, f"--logger.output_dir={tmp_path / 'one'}")
+    assert one.returncode == 0, one.stderr
+    nproc = 4 if mesh[0] == "--mesh_dim=2,2,1" else 2
+    ep = run_launch(nproc, *args, *mesh, "--expert_parallel", f"--logger.output_dir={tmp_path / 'ep'}")
+    assert ep.returncode == 0, ep.stderr
+    assert_same_run(tmp_path / "one", tmp_path / "ep")
+    # Each rank holds its 2 of the 4 experts whole: one piece each in the index, and half the
+    # experts' bytes of state per rank.
+    index = json.loads((tmp_path / "ep" / "checkpoint" / "shards.json").read_text())["tensors"]
+    experts = {name: t for name, t in index.items() if ".experts." in name}
+    assert len(experts) == 8  # layer 1's 4 experts, w1 and w2
+    for name, tensor in experts.items():
+        owner = int(name.split(".experts.")[1].split(".")[0]) // 2
+        assert tensor["pieces"] == [[owner, 0, tensor["shape"][0] * tensor["shape"][1]]]
+    whole = weights(tmp_path / "one" / "checkpoint", tmp_path)
+    placed = weights(tmp_path / "ep" / "checkpoint", tmp_path)
+    assert whole.keys() == placed.keys()
+    for name in whole:
+        # (Adam divides by the gradient's own size: rounding moves a near-zero gradient's step most.)
+        torch.testing.assert_close(placed[name], whole[name], atol=1e-4, rtol=1e-4)
+
+
+def test_expert_parallel_checkpoints_resume_at_other_world_sizes(tmp_path):
+    args = [*GLAM, *EXACT]
+    assert run_app("train", *args, "--total_steps=4", f"--logger.output_dir={tmp_path / 'whole'}").returncode == 0
+    # 2 steps with experts placed over 2 ranks, then 2 more in one process; and the reverse.
+    first = run_launch(2, *args, "--expert_parallel", "--total_steps=2", f"--logger.output_dir={tmp_path / 'a'}")
+    assert first.returncode == 0, first.stderr
+    then = run_app("train", *args, "--total_steps=4", "--autoresume", f"--logger.output_dir={tmp_path / 'a'}")
+    assert then.returncode == 0, then.stderr
+    assert run_app("train", *args, "--total_steps=2", f"--logger.output_dir={tmp_path / 'b'}").returncode == 0
+    then = run_launch(2, *args, "--expert_parallel", "--total_steps=4", "--autoresume",
+                      f"--logger.output_dir={tmp_path / 'b'}")
+    assert then.returncode == 0, then.stderr
+    for run in ("a", "b"):
+        assert_same_run(tmp_path / "whole", tmp_path / run)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--llama.num_local_experts=0"], "--expert_parallel: the model has no MoE layers"),
+    (["--llama.num_local_experts=3"], "3 experts (num_local_experts) do not divide over the 2 ranks"),
+])
+def test_bad_expert_parallel_settings_exit_2(tmp_path, flags, message):
+    result = run_launch(2, *GLAM, *flags, "--expert_parallel", "--total_steps=1", f"--logger.output_dir={tmp_path}")
+    # torchrun itself exits 1, naming each rank's exit code.
+    assert "exitcode  : 2" in result.stderr and message in result.stderr, result.stderr
 
 
 def test_router_losses_train_alike_with_and_without_remat(tmp_path):
