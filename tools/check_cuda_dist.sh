@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Compiles bpt's distributed layer (csrc/dist: process groups, FSDP) against the CUDA build
+# Compiles bpt's distributed layer (csrc/dist: process groups, FSDP, expert parallelism) against the CUDA build
 # of torch with NCCL enabled (BPT_WITH_NCCL), on a machine without a GPU: the NCCL code paths
 # are checked by the compiler even where they cannot run; then the CUDA op kernels
 # (csrc/ops/**/*.cu) with nvcc, for sm_90. Object files only; nothing links or runs. Takes
@@ -20,7 +20,7 @@ cuda_home=${CUDA_HOME:-/usr/local/cuda}
 echo "check_cuda_dist: torch $("$VENV/bin/python" -c 'import torch; print(torch.__version__, "CUDA", torch.version.cuda)')"
 out=build-cuda-check
 mkdir -p "$out"
-for src in csrc/dist/process_group.cpp csrc/dist/fsdp.cpp; do
+for src in csrc/dist/process_group.cpp csrc/dist/fsdp.cpp csrc/dist/expert_parallel.cpp; do
   echo "check_cuda_dist: compiling $src with NCCL"
   g++ -std=c++20 -O1 -c "$src" -o "$out/$(basename "$src" .cpp).o" -I. \
     -I"$torch_dir/include" -I"$torch_dir/include/torch/csrc/api/include" \

@@ -4,7 +4,9 @@
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
 
+#include <memory>
 #include <numeric>
+#include <type_traits>
 #include <utility>
 
 namespace bpt::dist {
@@ -44,6 +46,18 @@ struct AllToAllBackward : torch::autograd::Node {
   std::vector<int64_t> out_splits, in_splits, in_shape;
 };
 
+// Autograd holds nodes in c10::intrusive_ptr in the torch bpt builds against here, in
+// std::shared_ptr in older releases (the GPU machine's torch may be one).
+template <typename NodeType, typename... Args>
+auto make_node(Args&&... args) {
+  using Pointer = decltype(torch::autograd::Edge::function);
+  if constexpr (std::is_same_v<Pointer, std::shared_ptr<torch::autograd::Node>>) {
+    return std::make_shared<NodeType>(std::forward<Args>(args)...);
+  } else {
+    return c10::make_intrusive<NodeType>(std::forward<Args>(args)...);
+  }
+}
+
 }  // namespace
 
 at::Tensor all_to_all(const Group& group, const at::Tensor& in, const std::vector<int64_t>& out_splits,
@@ -54,7 +68,7 @@ at::Tensor all_to_all(const Group& group, const at::Tensor& in, const std::vecto
     out = exchange(group, in.detach(), out_splits, in_splits);
   }
   if (torch::autograd::compute_requires_grad(in)) {
-    auto node = c10::make_intrusive<AllToAllBackward>(group, out_splits, in_splits, in.sizes().vec());
+    auto node = make_node<AllToAllBackward>(group, out_splits, in_splits, in.sizes().vec());
     node->set_next_edges(torch::autograd::collect_next_edges(in));
     torch::autograd::set_history(out, node);
   }

@@ -1,6 +1,7 @@
 """moe: a mixture-of-experts layer's forward and forward+backward, bpt's ops vs a plain PyTorch
 loop over the experts and vs a dense FFN of equal active FLOPs, at 8 and 64 experts, side by
-side; and bpt-train's tokens/s on a tiny GLaM vs a dense LLaMA of equal active parameters.
+side; bpt-train's tokens/s on a tiny GLaM vs a dense LLaMA of equal active parameters; and that
+GLaM trained at world 2 with its experts FSDP-sharded vs placed by --expert_parallel.
 
 task=layer: N=4096 tokens, C=512, expert intermediate I=1408, top-2, E in {8, 64}, fp32
 (--quick: N=256, C=64, I=128). Random weights, scaled 1/sqrt(fan in), shared by the bpt and
@@ -46,12 +47,38 @@ The train records carry state_mb (parameters, gradients and AdamW state, from me
 and in the JSON alone total_params (counted in the checkpoint bpt-train saves) and
 active_params (total less the (E - k) experts' weights a token does not use, per MoE layer).
 report.py takes one baseline per benchmark, torch-loop, so the train rows show no ratios:
-compare their tokens_per_s by eye. Each task's rows show "skipped" under the other's phases.
+compare their tokens_per_s by eye. Each task's rows show "skipped" under the other tasks' phases.
 
-    .venv/bin/python tools/bench/moe.py [--quick] [--out FILE]
+task=ep: the same GLaM (task=train's sizes and flags) trained by bpt-train at world 2 under
+tools/launch (FSDP over Gloo, each rank OMP_NUM_THREADS = cores / 2, B / 2 of the rows), its
+experts either sharded like every other weight or placed by --expert_parallel, and in one
+process as the reference; 10 steps (--quick: 5), phase ep_step: step_ms and tokens_per_s the
+medians after two warm-up steps, ep_step_peak_mb rank 0's peak_memory_mb.
+
+- glam-fsdp2: the experts FSDP-sharded: each layer's experts all-gathered for forward, again
+  for the recomputed forward, gradients reduce-scattered. The baseline of the ratios;
+- glam-fsdp2-ep: --expert_parallel: each rank keeps E / 2 experts whole and exchanges the
+  routed tokens with the other by all-to-all;
+- glam-w1: one process, every core.
+
+Each record carries state_mb and comm_mb_per_step (rank 0's, from metrics.jsonl; 0 at world
+1), and comm_a2a_mb: the all-to-all buffers rank 0 sends per step, computed, not measured, since
+bpt-train's comm_mb_per_step counts only FSDP's all-gathers and reduce-scatters. Per MoE layer
+six exchanges (forward, the forward remat recomputes, backward; each out and back), each of
+k (B / 2) T routed slots of D fp32 values, the rows a rank keeps included (as FSDP's count
+includes its own shard). That is exact for the three carrying a rank's own slots (or their
+gradients); the other three carry what the other rank routed here, the same on average at even
+routing. The exchanges of the slot counts (E integers) are left out. Ratios against glam-fsdp2
+(tokens_per_s, peak_mb, state_mb, comm_mb_per_step, and comm_with_a2a: comm_mb_per_step +
+comm_a2a_mb) are in the JSON as vs_glam_fsdp2 and printed after the table. loss is the last
+step's; it is the same in all three up to reduction order. --task picks tasks (e.g. --quick
+--task ep).
+
+    .venv/bin/python tools/bench/moe.py [--quick] [--task layer train ep] [--out FILE]
 """
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -61,7 +88,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, main, measure, safetensors_numel  # noqa: E402
 
-PHASES = ("fwd", "fwdbwd", "step")  # step: task=train only; fwd, fwdbwd: task=layer only
+TASK_PHASES = {"layer": ("fwd", "fwdbwd"), "train": ("step",), "ep": ("ep_step",)}  # the others: skipped
+TASKS = tuple(TASK_PHASES)
+PHASES = tuple(phase for phases in TASK_PHASES.values() for phase in phases)
 LAYER = dict(N=4096, C=512, I=1408)
 LAYER_QUICK = dict(N=256, C=64, I=128)
 TOP_K, CHUNK = 2, 2048
@@ -70,22 +99,70 @@ TRAIN = dict(T=256, B=4, D=256, I=688, layers=4, heads=4)  # I: GLaM's expert in
 TRAIN_QUICK = dict(T=64, B=2, D=64, I=160, layers=2, heads=4)
 TRAIN_EXPERTS, MOE_LAYER_FREQ = 8, 2  # MOE_LAYER_FREQ: make_glam's
 STEPS, WARMUP = 6, 2
+EP_STEPS, EP_STEPS_QUICK = 10, 5
+EP_WORLD = 2
+EP_IMPLS = ("glam-fsdp2", "glam-fsdp2-ep", "glam-w1")  # the first: the baseline of the ratios
+EP_RATIOS = ("tokens_per_s", "peak_mb", "state_mb", "comm_mb_per_step", "comm_with_a2a")
+
+
+def add_args(parser):
+    parser.add_argument("--task", choices=TASKS, nargs="+", default=list(TASKS), help="the tasks to run (default: all)")
 
 
 def cases(args):
     layer = LAYER_QUICK if args.quick else LAYER
     train = TRAIN_QUICK if args.quick else TRAIN
-    return ([{"task": "layer", "E": E, **layer, "k": TOP_K, "impl": impl} for E in (8, 64) for impl in LAYER_IMPLS]
-            + [{"task": "train", "E": TRAIN_EXPERTS, "k": TOP_K, **train, "impl": impl}
-               for impl in ("glam", "llama-dense")])
+    ep_steps = EP_STEPS_QUICK if args.quick else EP_STEPS
+    by_task = {
+        "layer": [{"task": "layer", "E": E, **layer, "k": TOP_K, "impl": impl}
+                  for E in (8, 64) for impl in LAYER_IMPLS],
+        "train": [{"task": "train", "E": TRAIN_EXPERTS, "k": TOP_K, **train, "impl": impl}
+                  for impl in ("glam", "llama-dense")],
+        "ep": [{"task": "ep", "E": TRAIN_EXPERTS, "k": TOP_K, **train, "steps": ep_steps, "impl": impl}
+               for impl in EP_IMPLS],
+    }
+    return [case for task in TASKS if task in args.task for case in by_task[task]]
 
 
-def annotate(record):
-    p = record["params"]
-    if p["task"] == "layer" and "fwdbwd_ms" in record:
-        record["tokens_per_s"] = p["N"] / (record["fwdbwd_ms"] / 1e3)
-    elif p["task"] == "train" and "step_ms" in record:
-        record["tokens_per_s"] = p["B"] * p["T"] / (record["step_ms"] / 1e3)
+def ep_ratios(record, base) -> dict:
+    """record's numbers over the glam-fsdp2 record's (None where the baseline's is 0)."""
+    def value(r, key):
+        return r["comm_mb_per_step"] + r["comm_a2a_mb"] if key == "comm_with_a2a" else r[key]
+
+    return {key: value(record, key) / value(base, key) if value(base, key) > 0 else None for key in EP_RATIOS}
+
+
+def make_annotate():
+    """annotate(record) for main, and the task=ep records it saw (to print their ratios after the
+    table; none in a --case child). A record's ratios are filled in once the baseline has run."""
+    ep_records = []
+
+    def annotate(record):
+        p = record["params"]
+        if p["task"] == "layer" and "fwdbwd_ms" in record:
+            record["tokens_per_s"] = p["N"] / (record["fwdbwd_ms"] / 1e3)
+        elif p["task"] == "train" and "step_ms" in record:
+            record["tokens_per_s"] = p["B"] * p["T"] / (record["step_ms"] / 1e3)
+        elif p["task"] == "ep" and "ep_step_ms" in record:  # tokens_per_s: the measured median
+            ep_records.append(record)
+            base = next((r for r in ep_records if r["impl"] == EP_IMPLS[0]), None)
+            if base is not None:
+                for r in ep_records:
+                    r["vs_glam_fsdp2"] = ep_ratios(r, base)
+
+    return annotate, ep_records
+
+
+def print_ep_ratios(ep_records):
+    rows = [r for r in ep_records if "vs_glam_fsdp2" in r]
+    if not rows:
+        return
+    header = ("impl", *EP_RATIOS)
+    body = [(r["impl"], *("-" if v is None else f"{v:.2f}x" for v in r["vs_glam_fsdp2"].values())) for r in rows]
+    widths = [max(len(x) for x in column) for column in zip(header, *body)]
+    print(f"\nmoe task=ep, ratios against {EP_IMPLS[0]}")
+    for line in (header, *body):
+        print("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip())
 
 
 # ---- task=layer
@@ -210,26 +287,32 @@ def run_layer(p, phase):
     return result
 
 
-# ---- task=train
+# ---- task=train and task=ep
 
-def run_train(p):
-    glam = p["impl"] == "glam"
+def train_flags(p, glam: bool, steps: int, out: str) -> list:
+    """bpt-train's flags for a task=train or task=ep case, metrics.jsonl (every step) into out."""
     intermediate = p["I"]
     if not glam:  # every layer's MLP holds the active share of GLaM's MLPs (see the docstring)
         assert (MOE_LAYER_FREQ - 1 + p["k"]) * p["I"] % MOE_LAYER_FREQ == 0, "a whole dense intermediate size"
         intermediate = (MOE_LAYER_FREQ - 1 + p["k"]) * p["I"] // MOE_LAYER_FREQ
     config = dict(hidden_size=p["D"], intermediate_size=intermediate, num_hidden_layers=p["layers"],
                   num_attention_heads=p["heads"], num_key_value_heads=p["heads"])
+    args = [f"--model={'glam' if glam else 'llama'}", "--load_llama_config=tiny",
+            "--update_llama_config=" + ",".join(f"{k}={v}" for k, v in config.items()),
+            "--train_dataset.type=synthetic", f"--train_dataset.json_dataset.seq_length={p['T']}",
+            f"--train_dataset.json_dataset.batch_size={p['B']}", f"--total_steps={steps}", "--log_freq=1",
+            "--dtype=float32", "--progress=never", f"--logger.output_dir={out}",
+            "--llama.remat_policy=nothing_saveable", "--peak_flops=1e12"]
+    if glam:
+        args += [f"--llama.num_local_experts={p['E']}", f"--llama.num_experts_per_tok={p['k']}",
+                 "--llama.expert_activation=silu", "--llama.capacity_factor=0"]
+    return args
+
+
+def run_train(p):
+    glam = p["impl"] == "glam"
     with tempfile.TemporaryDirectory() as out:
-        args = [f"--model={'glam' if glam else 'llama'}", "--load_llama_config=tiny",
-                "--update_llama_config=" + ",".join(f"{k}={v}" for k, v in config.items()),
-                "--train_dataset.type=synthetic", f"--train_dataset.json_dataset.seq_length={p['T']}",
-                f"--train_dataset.json_dataset.batch_size={p['B']}", f"--total_steps={STEPS}", "--log_freq=1",
-                "--dtype=float32", "--progress=never", f"--logger.output_dir={out}",
-                "--llama.remat_policy=nothing_saveable", "--peak_flops=1e12"]
-        if glam:
-            args += [f"--llama.num_local_experts={p['E']}", f"--llama.num_experts_per_tok={p['k']}",
-                     "--llama.expert_activation=silu", "--llama.capacity_factor=0"]
+        args = train_flags(p, glam, STEPS, out)
         subprocess.run([str(REPO / "build" / "bpt-train"), *args], check=True, capture_output=True, timeout=3000)
         records = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
         saved = json.loads((Path(out) / "checkpoint" / "config.json").read_text())
@@ -243,11 +326,43 @@ def run_train(p):
     return ms, max(r["peak_memory_mb"] for r in records), extra
 
 
+def run_ep(p):
+    """One task=ep configuration: (step ms, rank 0's peak MB, its numbers from metrics.jsonl)."""
+    world = 1 if p["impl"] == "glam-w1" else EP_WORLD
+    expert_parallel = p["impl"] == "glam-fsdp2-ep"
+    with tempfile.TemporaryDirectory() as out:
+        args = train_flags(p, True, p["steps"], out) + (["--expert_parallel"] if expert_parallel else [])
+        if world > 1:
+            cmd = [str(REPO / "tools" / "launch"), "--nproc", str(world), "bpt-train", *args]
+            env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // world))}
+        else:
+            cmd, env = [str(REPO / "build" / "bpt-train"), *args], None
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3000, env=env)
+        if proc.returncode != 0:  # bpt-train's own message, not just the exit status
+            lines = (proc.stderr.strip() or proc.stdout.strip() or "(no output)").splitlines()
+            raise RuntimeError(f"{p['impl']}: exit {proc.returncode}: {' | '.join(lines[-3:])}")
+        records = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    timed = [r for r in records if "tokens_per_s" in r][WARMUP:]
+    assert timed, f"{p['impl']}: no step after the {WARMUP} warm-up steps in metrics.jsonl"
+    tokens_per_s = statistics.median(r["tokens_per_s"] for r in timed)
+    moe_layers = p["layers"] // MOE_LAYER_FREQ
+    slots = p["k"] * (p["B"] // world) * p["T"]  # routed rows a rank sends per exchange
+    extra = {"world_size": world, "tokens_per_s": tokens_per_s, "state_mb": timed[-1]["state_mb"],
+             "comm_mb_per_step": statistics.median(r.get("comm_mb_per_step", 0.0) for r in timed),
+             "comm_a2a_mb": 6 * moe_layers * slots * p["D"] * 4 / 1e6 if expert_parallel else 0.0,
+             "loss": timed[-1]["loss"]}
+    return p["B"] * p["T"] / tokens_per_s * 1e3, max(r["peak_memory_mb"] for r in records), extra
+
+
 def run_phase(p, phase):
-    if (p["task"] == "train") != (phase == "step"):
+    if phase not in TASK_PHASES[p["task"]]:
         return None
-    return run_train(p) if p["task"] == "train" else run_layer(p, phase)
+    if p["task"] == "layer":
+        return run_layer(p, phase)
+    return run_train(p) if p["task"] == "train" else run_ep(p)
 
 
 if __name__ == "__main__":
-    main(__file__, cases, PHASES, run_phase, annotate=annotate)
+    annotate, ep_records = make_annotate()
+    main(__file__, cases, PHASES, run_phase, add_args, annotate)
+    print_ep_ratios(ep_records)
