@@ -32,7 +32,7 @@ struct Fsdp::Unit {
   bool gathering = false, is_gathered = false;
   bool kept_for_backward = false;  // stays gathered until finish_backward (root, activations kept)
   bool trainable = true;           // false: frozen parameters, no gradients
-  bool placed = false;             // this rank's placed parameters, whole: always "gathered", never reduced
+  bool placed = false;  // this rank's placed parameters, whole: never gathered or reduce-scattered
   at::Tensor grad_flat;  // [padded]: the parameters' .grad are views into it while it is set
   at::Tensor reduce_in, reduce_out;
   Work reduce;
@@ -62,6 +62,7 @@ Fsdp::Fsdp(const Mesh& mesh, std::vector<NamedParameters> units, FsdpOptions opt
       checksums.push_back(param.sum().item<double>());  // every rank holds it whole here
       checksums.push_back(param.abs().sum().item<double>());
       placed_.push_back({{item.first, param.sizes().vec(), {{owner, 0, param.numel()}}}, trains});
+      placed_names_.insert(item.first);
       if (owner == mesh_.fsdp_group.rank()) {
         (trains ? placed_trainable : placed_frozen).push_back(std::move(item));
       } else {
@@ -288,6 +289,7 @@ void Fsdp::finish_backward() {
     // backward recomputed the layer, with grad mode off) in the parameters' own .grad. Every
     // replica gets one, zeros if no token reached its experts, for the all-reduce below.
     if (!unit->placed || !unit->trainable) continue;
+    // (Summed over micro-batches in the parameters' dtype, as the root's are; reduced in reduce_dtype.)
     unit->grad_shard = unit->grad_flat.defined() ? std::move(unit->grad_flat) : at::zeros_like(unit->shard);
     unit->grad_flat = at::Tensor();
     for (Entry& entry : unit->entries) {
@@ -297,6 +299,7 @@ void Fsdp::finish_backward() {
       }
       grad = at::Tensor();
     }
+    unit->grad_shard = unit->grad_shard.to(reduce_dtype(*unit));
   }
   const double world = static_cast<double>(mesh_.world_size());
   for (auto& unit : units_) {
@@ -366,12 +369,7 @@ io::NamedTensors Fsdp::gather_trainable() {
 
 bool Fsdp::assign(const std::string& name, const at::Tensor& whole) {
   const Entry* entry = find(name);
-  if (entry == nullptr) {  // another rank's placed parameter, or none
-    const size_t dot = name.rfind('.');
-    return std::any_of(placed_.begin(), placed_.end(), [&](const auto& placed) {
-      return placed.first.name == name || (dot != std::string::npos && placed.first.name == name.substr(0, dot));
-    });
-  }
+  if (entry == nullptr) return is_placed(name);
   if (entry->end == entry->begin) return true;  // no element of it on this rank
   at::NoGradGuard no_grad;
   const Unit& unit = *units_[entry->unit];
@@ -379,8 +377,14 @@ bool Fsdp::assign(const std::string& name, const at::Tensor& whole) {
   return true;
 }
 
+bool Fsdp::is_placed(const std::string& name) const {
+  const size_t dot = name.rfind('.');
+  return placed_names_.count(name) > 0 || (dot != std::string::npos && placed_names_.count(name.substr(0, dot)) > 0);
+}
+
 at::Tensor Fsdp::piece_of(const std::string& name, const at::Tensor& whole) const {
   const Entry* entry = find(name);
+  if (entry == nullptr && is_placed(name)) return whole.reshape({-1}).narrow(0, 0, 0);  // no element here
   if (entry == nullptr) return whole;
   if (whole.numel() != entry->numel) {
     throw_input_error("'{}': {} elements, expected {} (shape {})", name, whole.numel(), entry->numel,

@@ -28,15 +28,16 @@
 //   and hands each piece its gradient: the optimizer then works on shards only.
 //
 // Gathered parameters and computation use the parameters' dtype (bf16 models gather bf16);
-// gradients are reduced in that dtype, or in fp32 with fp32_reduce (the root and kept units
-// still sum micro-batches in the parameters' dtype before their one reduce). The optimizer keeps fp32
-// masters of its pieces (csrc/train/adamw.h).
+// gradients are reduced in that dtype, or in fp32 with fp32_reduce (the root, kept units and
+// placed parameters still sum micro-batches in the parameters' dtype before their one reduce).
+// The optimizer keeps fp32 masters of its pieces (csrc/train/adamw.h).
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
 #include <functional>
 #include <map>
 #include <memory>
+#include <set>
 #include <string>
 #include <utility>
 #include <vector>
@@ -130,6 +131,8 @@ class Fsdp {
   void finish_reduce(Unit& unit);
   // The entry of parameter `name`, or of the parameter "<name>.<suffix>" belongs to; null if none.
   const Entry* find(const std::string& name) const;
+  // Whether `name` (or "<name>.<suffix>") is a placed parameter, this rank's or another's.
+  bool is_placed(const std::string& name) const;
 
   Mesh mesh_;
   FsdpOptions options_;
@@ -141,6 +144,7 @@ class Fsdp {
   std::map<std::string, const Entry*> by_name_;
   // Every placed parameter (this rank's too), as the checkpoint index lists it, and whether it trains.
   std::vector<std::pair<io::ShardedTensor, bool>> placed_;
+  std::set<std::string> placed_names_;
   int64_t communicated_bytes_ = 0;
 };
 

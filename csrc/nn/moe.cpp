@@ -127,7 +127,7 @@ at::Tensor MoELayerImpl::run_experts(const at::Tensor& rows, const std::vector<i
   std::vector<at::Tensor> outputs;
   int64_t offset = 0;
   for (size_t i = 0; i < counts.size(); ++i) {
-    const auto& expert = experts[first + static_cast<int64_t>(i)]->as<MoEExpert>();
+    auto* expert = experts[first + static_cast<int64_t>(i)]->as<MoEExpertImpl>();
     if (counts[i] > 0) outputs.push_back(expert->forward(rows.narrow(0, offset, counts[i])));
     offset += counts[i];
   }

@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 
 #include <filesystem>
+#include <string_view>
 
 #include "csrc/common/error.h"
 #include "csrc/dist/expert_parallel.h"
@@ -15,6 +16,11 @@ namespace fs = std::filesystem;
 using models::llama::LayerInputs;
 using models::llama::LlamaDecoderLayerImpl;
 
+namespace {
+// In the name of every expert parameter: model.layers.{i}.block_sparse_moe.experts.{e}.w1.weight
+constexpr std::string_view kExperts = ".block_sparse_moe.experts.";
+}  // namespace
+
 LlamaModule::LlamaModule(models::llama::LlamaForCausalLM model_, RematPolicy remat)
     : model(std::move(model_)), remat_(remat) {
   apply_remat(*model->model, remat);
@@ -25,7 +31,7 @@ LlamaModule::LlamaModule(models::llama::LlamaForCausalLM model_, RematPolicy rem
     double per_weight = item.value().requires_grad() ? 6.0 : 4.0;
     // An expert computes for the tokens routed to it: k of E experts per token.
     const auto& c = model->config;
-    if (item.key().find(".block_sparse_moe.experts.") != std::string::npos) {
+    if (item.key().find(kExperts) != std::string::npos) {
       per_weight *= static_cast<double>(c.num_experts_per_tok) / static_cast<double>(c.num_local_experts);
     }
     flops_matmul_ += per_weight * static_cast<double>(item.value().numel());
@@ -35,18 +41,19 @@ LlamaModule::LlamaModule(models::llama::LlamaForCausalLM model_, RematPolicy rem
 namespace {
 
 // With expert parallelism, expert e of each MoE layer lives on rank expert_owner(e).
-dist::ExpertPlacement place_experts(models::llama::LlamaForCausalLMImpl& model, const dist::Mesh& mesh) {
+dist::ExpertPlacement place_experts(models::llama::LlamaForCausalLMImpl& model, const dist::Mesh& mesh,
+                                    const std::shared_ptr<int64_t>& exchanged_bytes) {
   const int64_t E = model.config.num_local_experts;
-  check_expert_parallel(model.config, mesh.fsdp_group.size());
+  TORCH_CHECK(E > 0 && E % mesh.fsdp_group.size() == 0, "place_experts: ", E, " experts over ",
+              mesh.fsdp_group.size(), " ranks (check_expert_parallel first)");
   for (const auto& layer : *model.model->layers) {
     auto& moe = layer->as<LlamaDecoderLayerImpl>()->block_sparse_moe;
-    if (moe) moe->compute_experts = dist::expert_parallel(mesh.fsdp_group);
+    if (moe) moe->compute_experts = dist::expert_parallel(mesh.fsdp_group, exchanged_bytes);
   }
-  const std::string marker = ".block_sparse_moe.experts.";
-  return [marker, E, group = mesh.fsdp_group](const std::string& name) -> int64_t {
-    const size_t at = name.find(marker);
+  return [E, group = mesh.fsdp_group](const std::string& name) -> int64_t {
+    const size_t at = name.find(kExperts);
     if (at == std::string::npos) return -1;
-    return dist::expert_owner(std::stoll(name.substr(at + marker.size())), E, group);
+    return dist::expert_owner(std::stoll(name.substr(at + kExperts.size())), E, group);
   };
 }
 
@@ -70,7 +77,9 @@ void LlamaModule::shard(const dist::Mesh& mesh, dist::FsdpOptions options, bool 
     if (item.key().rfind(layers, 0) == 0) unit = 1 + std::stoul(item.key().substr(layers.size()));
     units[unit].emplace_back(item.key(), item.value());
   }
-  const dist::ExpertPlacement placement = expert_parallel ? place_experts(*model, mesh) : nullptr;
+  // One fsdp rank holds every expert anyway (plain data parallelism): nothing to place.
+  const dist::ExpertPlacement placement =
+      expert_parallel && mesh.fsdp > 1 ? place_experts(*model, mesh, exchanged_bytes_) : nullptr;
   fsdp_ = std::make_unique<dist::Fsdp>(mesh, std::move(units), options, placement);
   sharding_.shapes = fsdp_->shapes();
   sharding_.sum_squares = [fsdp = fsdp_.get()](double local) { return fsdp->sum_over_shards(local); };

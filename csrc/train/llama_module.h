@@ -49,7 +49,9 @@ class LlamaModule : public TrainModule {
   const ShardedParameters* sharding() const override { return fsdp_ ? &sharding_ : nullptr; }
   void finish_backward() override;
   int64_t held_bytes() override;
-  int64_t communicated_bytes() const override { return fsdp_ ? fsdp_->communicated_bytes() : 0; }
+  int64_t communicated_bytes() const override {
+    return (fsdp_ ? fsdp_->communicated_bytes() : 0) + *exchanged_bytes_;
+  }
 
   models::llama::LlamaForCausalLM model;
   std::string tokenizer_file;  // copied into each checkpoint as tokenizer.model, if set
@@ -59,6 +61,7 @@ class LlamaModule : public TrainModule {
   RematPolicy remat_;
   std::unique_ptr<dist::Fsdp> fsdp_;
   ShardedParameters sharding_;
+  std::shared_ptr<int64_t> exchanged_bytes_ = std::make_shared<int64_t>(0);  // expert parallelism's all-to-alls
   double flops_matmul_ = 0;  // training FLOPs per token in matmuls, counted before sharding empties the parameters
 };
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import MixtralConfig, MixtralForCausalLM
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
@@ -154,17 +154,17 @@ def assert_same_run(a: Path, b: Path) -> None:
         assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-4)
 
 
-@pytest.mark.parametrize("remat, mesh", [
-    ("nothing_saveable", ["--mesh_dim=1,2,1"]),      # experts gradients in .grad (recomputed backward)
-    ("everything_saveable", ["--mesh_dim=1,2,1"]),   # in the flat buffer (layers kept)
-    ("nothing_saveable", ["--mesh_dim=2,2,1"]),      # 2 replicas of 2 expert ranks: all-reduced over dp
+@pytest.mark.parametrize("remat, nproc, mesh", [
+    ("nothing_saveable", 2, "1,2,1"),     # the experts' gradients land in .grad (recomputed backward)
+    ("everything_saveable", 2, "1,2,1"),  # in the placed unit's flat buffer (layers kept)
+    ("nothing_saveable", 4, "2,2,1"),     # 2 replicas of 2 expert ranks: all-reduced over dp
+    ("everything_saveable", 4, "2,2,1"),
 ])
-def test_expert_parallel_equals_one_process(tmp_path, remat, mesh):
+def test_expert_parallel_equals_one_process(tmp_path, remat, nproc, mesh):
     args = [*GLAM, *EXACT, "--total_steps=3", "--optimizer.accumulate_gradient_steps=2", f"--llama.remat_policy={remat}"]
     one = run_app("train", *args, f"--logger.output_dir={tmp_path / 'one'}")
     assert one.returncode == 0, one.stderr
-    nproc = 4 if mesh[0] == "--mesh_dim=2,2,1" else 2
-    ep = run_launch(nproc, *args, *mesh, "--expert_parallel", f"--logger.output_dir={tmp_path / 'ep'}")
+    ep = run_launch(nproc, *args, f"--mesh_dim={mesh}", "--expert_parallel", f"--logger.output_dir={tmp_path / 'ep'}")
     assert ep.returncode == 0, ep.stderr
     assert_same_run(tmp_path / "one", tmp_path / "ep")
     # Each rank holds its 2 of the 4 experts whole: one piece each in the index, and half the
@@ -181,6 +181,36 @@ def test_expert_parallel_equals_one_process(tmp_path, remat, mesh):
     for name in whole:
         # (Adam divides by the gradient's own size: rounding moves a near-zero gradient's step most.)
         torch.testing.assert_close(placed[name], whole[name], atol=1e-4, rtol=1e-4)
+    # The all-to-alls are counted with FSDP's collectives; each rank keeps half the experts.
+    sharded = run_launch(nproc, *args, f"--mesh_dim={mesh}", f"--logger.output_dir={tmp_path / 'sharded'}")
+    assert sharded.returncode == 0, sharded.stderr
+    for a, b in zip(records(tmp_path / "sharded"), records(tmp_path / "ep"), strict=True):
+        assert 0 < b["comm_mb_per_step"] < a["comm_mb_per_step"]
+        assert b["state_mb"] == pytest.approx(a["state_mb"], rel=0.02)  # (the shards are padded)
+
+
+def test_expert_parallel_with_empty_exchanges_and_evaluation(tmp_path):
+    # Top-1 under a zero router sends every token to the same expert (one of equal scores):
+    # one rank receives no row in the first step. Evaluation runs the exchanges without
+    # gradients.
+    args = [*GLAM, *EXACT, "--llama.num_local_experts=8", "--llama.num_experts_per_tok=1", "--eval_freq=1",
+            "--eval_steps=2", "--eval_dataset.type=synthetic", "--eval_dataset.json_dataset.seq_length=64",
+            "--eval_dataset.json_dataset.batch_size=4"]
+    assert run_app("train", *args, "--total_steps=1", f"--logger.output_dir={tmp_path / 'init'}").returncode == 0
+    start = tmp_path / "init" / "checkpoint"
+    tensors = load_file(start / "model.safetensors")
+    save_file({k: torch.zeros_like(v) if k.endswith(".gate.weight") else v for k, v in tensors.items()},
+              start / "model.safetensors")
+    args = [a for a in args if not a.startswith("--load_llama_config")] + [f"--load_checkpoint=params::{start}",
+                                                                           "--total_steps=3"]
+    one = run_app("train", *args, f"--logger.output_dir={tmp_path / 'one'}")
+    assert one.returncode == 0, one.stderr
+    ep = run_launch(2, *args, "--expert_parallel", f"--logger.output_dir={tmp_path / 'ep'}")
+    assert ep.returncode == 0, ep.stderr
+    assert_same_run(tmp_path / "one", tmp_path / "ep")
+    evals = [[r["eval_loss"] for r in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())
+              if "eval_loss" in r] for run in ("one", "ep")]
+    assert len(evals[0]) == 3 and evals[1] == pytest.approx(evals[0], abs=1e-5)
 
 
 def test_expert_parallel_checkpoints_resume_at_other_world_sizes(tmp_path):

@@ -62,15 +62,11 @@ medians after two warm-up steps, ep_step_peak_mb rank 0's peak_memory_mb.
 - glam-w1: one process, every core.
 
 Each record carries state_mb and comm_mb_per_step (rank 0's, from metrics.jsonl; 0 at world
-1), and comm_a2a_mb: the all-to-all buffers rank 0 sends per step, computed, not measured, since
-bpt-train's comm_mb_per_step counts only FSDP's all-gathers and reduce-scatters. Per MoE layer
-six exchanges (forward, the forward remat recomputes, backward; each out and back), each of
-k (B / 2) T routed slots of D fp32 values, the rows a rank keeps included (as FSDP's count
-includes its own shard). That is exact for the three carrying a rank's own slots (or their
-gradients); the other three carry what the other rank routed here, the same on average at even
-routing. The exchanges of the slot counts (E integers) are left out. Ratios against glam-fsdp2
-(tokens_per_s, peak_mb, state_mb, comm_mb_per_step, and comm_with_a2a: comm_mb_per_step +
-comm_a2a_mb) are in the JSON as vs_glam_fsdp2 and printed after the table. loss is the last
+1): FSDP's whole gathered and reduce-scatter buffers, and with --expert_parallel the rows its
+all-to-alls send (six per MoE layer: forward, the forward remat recomputes, backward; each out
+and back; the rows a rank keeps included, as FSDP's count includes its own shard). Ratios
+against glam-fsdp2 (tokens_per_s, peak_mb, state_mb, comm_mb_per_step) are in the JSON as
+vs_glam_fsdp2 and printed after the table. loss is the last
 step's; it is the same in all three up to reduction order. --task picks tasks (e.g. --quick
 --task ep).
 
@@ -102,7 +98,7 @@ STEPS, WARMUP = 6, 2
 EP_STEPS, EP_STEPS_QUICK = 10, 5
 EP_WORLD = 2
 EP_IMPLS = ("glam-fsdp2", "glam-fsdp2-ep", "glam-w1")  # the first: the baseline of the ratios
-EP_RATIOS = ("tokens_per_s", "peak_mb", "state_mb", "comm_mb_per_step", "comm_with_a2a")
+EP_RATIOS = ("tokens_per_s", "peak_mb", "state_mb", "comm_mb_per_step")
 
 
 def add_args(parser):
@@ -126,10 +122,7 @@ def cases(args):
 
 def ep_ratios(record, base) -> dict:
     """record's numbers over the glam-fsdp2 record's (None where the baseline's is 0)."""
-    def value(r, key):
-        return r["comm_mb_per_step"] + r["comm_a2a_mb"] if key == "comm_with_a2a" else r[key]
-
-    return {key: value(record, key) / value(base, key) if value(base, key) > 0 else None for key in EP_RATIOS}
+    return {key: record[key] / base[key] if base[key] > 0 else None for key in EP_RATIOS}
 
 
 def make_annotate():
@@ -345,11 +338,8 @@ def run_ep(p):
     timed = [r for r in records if "tokens_per_s" in r][WARMUP:]
     assert timed, f"{p['impl']}: no step after the {WARMUP} warm-up steps in metrics.jsonl"
     tokens_per_s = statistics.median(r["tokens_per_s"] for r in timed)
-    moe_layers = p["layers"] // MOE_LAYER_FREQ
-    slots = p["k"] * (p["B"] // world) * p["T"]  # routed rows a rank sends per exchange
     extra = {"world_size": world, "tokens_per_s": tokens_per_s, "state_mb": timed[-1]["state_mb"],
              "comm_mb_per_step": statistics.median(r.get("comm_mb_per_step", 0.0) for r in timed),
-             "comm_a2a_mb": 6 * moe_layers * slots * p["D"] * 4 / 1e6 if expert_parallel else 0.0,
              "loss": timed[-1]["loss"]}
     return p["B"] * p["T"] / tokens_per_s * 1e3, max(r["peak_memory_mb"] for r in records), extra
 
