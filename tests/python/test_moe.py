@@ -229,6 +229,20 @@ def test_expert_parallel_checkpoints_resume_at_other_world_sizes(tmp_path):
         assert_same_run(tmp_path / "whole", tmp_path / run)
 
 
+def test_lora_with_placed_frozen_experts_resumes_in_one_process(tmp_path):
+    # LoRA on the attention of a GLaM: the frozen experts are placed, the adapters sharded.
+    assert run_app("train", *GLAM, *EXACT, "--total_steps=1", f"--logger.output_dir={tmp_path / 'base'}").returncode == 0
+    lora = [a for a in GLAM if not a.startswith(("--model", "--load_llama_config", "--llama."))] + [
+        f"--load_checkpoint=hf::{tmp_path / 'base' / 'checkpoint'}", "--finetune.mode=lora",
+        "--finetune.lora_target=attention", "--optimizer.adamw_optimizer.lr=1e-2"]
+    assert run_app("train", *lora, "--total_steps=4", f"--logger.output_dir={tmp_path / 'one'}").returncode == 0
+    first = run_launch(2, *lora, "--expert_parallel", "--total_steps=2", f"--logger.output_dir={tmp_path / 'ep'}")
+    assert first.returncode == 0, first.stderr
+    then = run_app("train", *lora, "--total_steps=4", "--autoresume", f"--logger.output_dir={tmp_path / 'ep'}")
+    assert then.returncode == 0, then.stderr
+    assert_same_run(tmp_path / "one", tmp_path / "ep")
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--llama.num_local_experts=0"], "--expert_parallel: the model has no MoE layers"),
     (["--llama.num_local_experts=3"], "3 experts (num_local_experts) do not divide over the 2 ranks"),
