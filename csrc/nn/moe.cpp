@@ -2,8 +2,10 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cmath>
 
+#include "csrc/nn/checkpoint.h"
 #include "csrc/ops/checks.h"
 #include "csrc/ops/ops.h"
 
@@ -75,8 +77,18 @@ void MoEExpertImpl::reset() {
 }
 
 at::Tensor MoEExpertImpl::forward(const at::Tensor& x) {
-  if (activation == "gelu") return w2(at::gelu(w1(x)));
-  return ops::blockwise_ffn(x, w1->weight, w3->weight, w2->weight, chunk);
+  if (activation == "silu") return ops::blockwise_ffn(x, w1->weight, w3->weight, w2->weight, chunk);
+  // GELU experts, chunked as the blockwise FFN is: `chunk` rows at a time, each chunk's hidden
+  // activations recomputed in backward rather than kept.
+  const TensorFn mlp = [this](const std::vector<at::Tensor>& rows) {
+    return std::vector<at::Tensor>{w2(at::gelu(w1(rows[0])))};
+  };
+  if (chunk <= 0) return mlp({x})[0];
+  std::vector<at::Tensor> outputs;
+  for (int64_t start = 0; start < x.size(0); start += chunk) {
+    outputs.push_back(checkpoint(mlp, {x.narrow(0, start, std::min(chunk, x.size(0) - start))})[0]);
+  }
+  return outputs.size() == 1 ? outputs[0] : at::cat(outputs);
 }
 
 // ---- layer

@@ -44,7 +44,8 @@ struct MoEOptions {
   TORCH_ARG(double, capacity_factor) = 2.0;
   TORCH_ARG(double, eval_capacity_factor) = 0.0;  // the same, in eval mode
   TORCH_ARG(std::string, activation) = "silu";    // silu (SwiGLU experts) or gelu (two-matrix experts)
-  // Tokens per chunk inside each expert's SwiGLU (the blockwise FFN's chunk); -1: none.
+  // Rows per chunk inside each expert's MLP (the blockwise FFN's chunk: each chunk's hidden
+  // activations are recomputed in backward); -1: none.
   TORCH_ARG(int64_t, chunk) = -1;
 };
 
@@ -68,7 +69,8 @@ class MoEExpertImpl : public torch::nn::Cloneable<MoEExpertImpl> {
  public:
   MoEExpertImpl(int64_t dim, int64_t hidden_dim, std::string activation, int64_t chunk);
   void reset() override;
-  // x [tokens, dim] -> [tokens, dim]: w2(silu(w1 x) * w3 x), or w2(gelu(w1 x)).
+  // x [tokens, dim] -> [tokens, dim]: w2(silu(w1 x) * w3 x), or w2(gelu(w1 x)); chunked over
+  // tokens (MoEOptions::chunk).
   at::Tensor forward(const at::Tensor& x);
 
   int64_t dim, hidden_dim;

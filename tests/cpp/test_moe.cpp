@@ -76,3 +76,27 @@ TEST_CASE("an MoE layer equals a per-token loop over its chosen experts; dropped
     CHECK(layer->gate->weight.grad().defined());  // through the router weights
   }
 }
+
+TEST_CASE("experts chunked over tokens compute and differentiate as unchunked ones", "[moe]") {
+  at::manual_seed(2);
+  for (const char* activation : {"silu", "gelu"}) {
+    bpt::nn::MoEExpert whole(8, 12, activation, -1), chunked(8, 12, activation, 3);
+    whole->to(at::kDouble);
+    chunked->to(at::kDouble);
+    for (const auto& item : whole->named_parameters()) {
+      at::NoGradGuard no_grad;
+      chunked->named_parameters()[item.key()].copy_(item.value());
+    }
+    const at::Tensor x = at::randn({10, 8}, at::kDouble);  // 3 + 3 + 3 + 1 rows
+    const at::Tensor x1 = x.clone().requires_grad_(), x2 = x.clone().requires_grad_();
+    const at::Tensor y1 = whole(x1), y2 = chunked(x2);
+    bpt::test::require_close(y2, y1, 1e-12, 1e-12);
+    const at::Tensor g = at::randn_like(y1);
+    y1.backward(g);
+    y2.backward(g);
+    bpt::test::require_close(x2.grad(), x1.grad(), 1e-12, 1e-12);
+    for (const auto& item : whole->named_parameters()) {
+      bpt::test::require_close(chunked->named_parameters()[item.key()].grad(), item.value().grad(), 1e-12, 1e-12);
+    }
+  }
+}
