@@ -1,4 +1,4 @@
-// bpt::blockwise_attention: the shared argument front, CPU and Meta kernels, autograd.
+// bpt::blockwise_attention: the shared argument front, CPU, CUDA and Meta kernels, autograd.
 
 #include "csrc/ops/attention/attention.h"
 
@@ -122,6 +122,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
   return {grad_q.to(q.scalar_type()), grad_k.to(k.scalar_type()), grad_v.to(v.scalar_type())};
 }
 
+// The ATen implementation (attention_generic.cpp) until a tiled tensor-core kernel replaces it.
+std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                  bool causal, int64_t q_chunk, int64_t k_chunk,
+                                                  const std::optional<at::Tensor>& segment_ids,
+                                                  std::optional<double> scale, int64_t kv_offset) {
+  const AttentionParams p = make_attention_params(q, k, v, causal, q_chunk, k_chunk, segment_ids, scale, kv_offset);
+  return generic::attention_forward(p, q, k, v, segment_ids.value_or(at::Tensor()));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, bool causal, int64_t q_chunk, int64_t k_chunk,
+    const std::optional<at::Tensor>& segment_ids, std::optional<double> scale, int64_t kv_offset) {
+  const AttentionParams p = make_attention_params(q, k, v, causal, q_chunk, k_chunk, segment_ids, scale, kv_offset);
+  check_backward_args(grad_out, grad_lse, q, out, lse);
+  return generic::attention_backward(p, grad_out, grad_lse.value_or(at::Tensor()), q, k, v, out, lse,
+                                     segment_ids.value_or(at::Tensor()));
+}
+
 std::tuple<at::Tensor, at::Tensor> attention_meta(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                   bool causal, int64_t q_chunk, int64_t k_chunk,
                                                   const std::optional<at::Tensor>& segment_ids,
@@ -210,6 +229,11 @@ AttentionParams make_attention_params(const at::Tensor& q, const at::Tensor& k, 
 TORCH_LIBRARY_IMPL(bpt, CPU, m) {
   m.impl("blockwise_attention", &attention_cpu);
   m.impl("blockwise_attention_backward", &attention_backward_cpu);
+}
+
+TORCH_LIBRARY_IMPL(bpt, CUDA, m) {
+  m.impl("blockwise_attention", &attention_cuda);
+  m.impl("blockwise_attention_backward", &attention_backward_cuda);
 }
 
 TORCH_LIBRARY_IMPL(bpt, Meta, m) {

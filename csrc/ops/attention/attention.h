@@ -12,6 +12,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <optional>
+#include <tuple>
 
 #include "csrc/ops/cpu_capability.h"
 
@@ -62,3 +63,22 @@ BPT_CPU_KERNEL(attention_forward_fn, attention_forward)
 BPT_CPU_KERNEL(attention_backward_fn, attention_backward)
 
 }  // namespace bpt::cpu
+
+// The same blocks in ATen calls, for any device (attention_generic.cpp): the CUDA kernel until
+// a tiled tensor-core one replaces it, and on the CPU a second implementation to test against.
+// Arguments as the op takes them (any dtype, any layout), checked by make_attention_params;
+// segment_ids and grad_lse may be undefined. Outputs as the op's: out and the gradients in the
+// inputs' dtypes, lse in opmath.
+namespace bpt::generic {
+
+std::tuple<at::Tensor, at::Tensor> attention_forward(const ops::AttentionParams& p, const at::Tensor& q,
+                                                     const at::Tensor& k, const at::Tensor& v,
+                                                     const at::Tensor& segment_ids);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const ops::AttentionParams& p,
+                                                                  const at::Tensor& grad_out,
+                                                                  const at::Tensor& grad_lse, const at::Tensor& q,
+                                                                  const at::Tensor& k, const at::Tensor& v,
+                                                                  const at::Tensor& out, const at::Tensor& lse,
+                                                                  const at::Tensor& segment_ids);
+
+}  // namespace bpt::generic

@@ -1,4 +1,4 @@
-// bpt::rms_norm: argument checks, CPU and Meta kernels, autograd.
+// bpt::rms_norm: argument checks, CPU, CUDA and Meta kernels, autograd.
 
 #include "csrc/ops/rms_norm/rms_norm.h"
 
@@ -44,6 +44,18 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cpu(const at::Tensor& grad_
   return {grad_x, grad_weight.to(weight.scalar_type())};
 }
 
+at::Tensor rms_norm_cuda(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  check_args(x, weight, eps);
+  return generic::rms_norm_forward(x, weight, eps);
+}
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x,
+                                                          const at::Tensor& weight, double eps) {
+  check_args(x, weight, eps);
+  check_like("bpt::rms_norm_backward", "grad_out", grad_out, x, "x");
+  return generic::rms_norm_backward(grad_out, x, weight, eps);
+}
+
 at::Tensor rms_norm_meta(const at::Tensor& x, const at::Tensor& weight, double eps) {
   check_args(x, weight, eps);
   return at::empty_symint(x.sym_sizes(), x.options());
@@ -86,6 +98,12 @@ at::Tensor rms_norm_autograd(const at::Tensor& x, const at::Tensor& weight, doub
 TORCH_LIBRARY_IMPL(bpt, CPU, m) {
   m.impl("rms_norm", &rms_norm_cpu);
   m.impl("rms_norm_backward", &rms_norm_backward_cpu);
+}
+
+// ATen calls (rms_norm_generic.cpp) until a fused CUDA kernel pays.
+TORCH_LIBRARY_IMPL(bpt, CUDA, m) {
+  m.impl("rms_norm", &rms_norm_cuda);
+  m.impl("rms_norm_backward", &rms_norm_backward_cuda);
 }
 
 TORCH_LIBRARY_IMPL(bpt, Meta, m) {

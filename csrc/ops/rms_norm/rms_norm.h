@@ -5,6 +5,8 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <tuple>
+
 #include "csrc/ops/cpu_capability.h"
 
 namespace bpt::cpu {
@@ -21,3 +23,14 @@ BPT_CPU_KERNEL(rms_norm_forward_fn, rms_norm_forward)
 BPT_CPU_KERNEL(rms_norm_backward_fn, rms_norm_backward)
 
 }  // namespace bpt::cpu
+
+// The same in ATen calls, for any device (rms_norm_generic.cpp): the CUDA kernels, and on the
+// CPU a second implementation to test against. Arguments already checked; x [..., D].
+namespace bpt::generic {
+
+at::Tensor rms_norm_forward(const at::Tensor& x, const at::Tensor& weight, double eps);
+// (grad_x in x's dtype, grad_weight in weight's)
+std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& grad_out, const at::Tensor& x,
+                                                     const at::Tensor& weight, double eps);
+
+}  // namespace bpt::generic

@@ -1,4 +1,4 @@
-// bpt::rotary: argument checks, CPU and Meta kernels, autograd.
+// bpt::rotary: argument checks, CPU, CUDA and Meta kernels, autograd.
 
 #include "csrc/ops/rotary/rotary.h"
 
@@ -54,6 +54,16 @@ at::Tensor rotary_backward_cpu(const at::Tensor& grad_out, const at::Tensor& cos
   return apply_cpu(grad_out, cos, sin, /*transpose=*/true);
 }
 
+at::Tensor rotary_cuda(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  check_args(x, cos, sin);
+  return generic::rotary_apply(x, cos, sin, /*transpose=*/false);
+}
+
+at::Tensor rotary_backward_cuda(const at::Tensor& grad_out, const at::Tensor& cos, const at::Tensor& sin) {
+  check_args(grad_out, cos, sin);
+  return generic::rotary_apply(grad_out, cos, sin, /*transpose=*/true);
+}
+
 at::Tensor rotary_meta(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
   check_args(x, cos, sin);
   return at::empty_symint(x.sym_sizes(), x.options());
@@ -107,6 +117,12 @@ at::Tensor rotary_autograd(const at::Tensor& x, const at::Tensor& cos, const at:
 TORCH_LIBRARY_IMPL(bpt, CPU, m) {
   m.impl("rotary", &rotary_cpu);
   m.impl("rotary_backward", &rotary_backward_cpu);
+}
+
+// ATen calls (rotary_generic.cpp) until a fused CUDA kernel pays.
+TORCH_LIBRARY_IMPL(bpt, CUDA, m) {
+  m.impl("rotary", &rotary_cuda);
+  m.impl("rotary_backward", &rotary_backward_cuda);
 }
 
 TORCH_LIBRARY_IMPL(bpt, Meta, m) {

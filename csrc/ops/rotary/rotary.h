@@ -18,3 +18,11 @@ using rotary_fn = void(const at::Tensor& x, const at::Tensor& cos, const at::Ten
 BPT_CPU_KERNEL(rotary_fn, rotary_apply)
 
 }  // namespace bpt::cpu
+
+// The same in ATen calls, for any device (rotary_generic.cpp): the CUDA kernel, and on the CPU
+// a second implementation to test against. x [B, H, T, D]; cos, sin [T, D] or [Bc, T, D].
+namespace bpt::generic {
+
+at::Tensor rotary_apply(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, bool transpose);
+
+}  // namespace bpt::generic
