@@ -11,7 +11,7 @@ export CCACHE_DIR ?= $(HOME)/.cache/ccache
 # Precompiled headers need these for ccache to hit.
 export CCACHE_SLOPPINESS := pch_defines,time_macros,include_file_mtime,include_file_ctime
 
-.PHONY: help setup build test test-cpp test-python demo bench check-cuda clean
+.PHONY: help setup build build-cuda test test-cpp test-python demo bench clean
 
 help:
 	@echo "make demo   - install everything, build, train a small LLaMA on Debian's fortunes, generate text"
@@ -19,7 +19,7 @@ help:
 	@echo "make setup  - install Debian packages and the Python venv (.venv)"
 	@echo "make build  - configure and build (Release) into $(BUILD_DIR)/"
 	@echo "make bench  - run every tools/bench/*.py and print the table"
-	@echo "make check-cuda - compile csrc/dist (NCCL) and the CUDA kernels against the CUDA torch (no GPU needed; makes .venv-cuda)"
+	@echo "make build-cuda - build against the CUDA torch (.venv-cuda) with the CUDA kernels and NCCL into build-cuda/ (no GPU needed; docs/cuda.md)"
 	@echo "make clean  - remove $(BUILD_DIR)/"
 
 setup:
@@ -68,8 +68,8 @@ bench: build
 	done
 	$(PY) tools/bench/report.py $(BENCH_OUT)/*.json
 
-check-cuda:
-	@bash tools/check_cuda_dist.sh
+build-cuda:
+	@bash tools/build_cuda.sh
 
 clean:
 	rm -rf $(BUILD_DIR)

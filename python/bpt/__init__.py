@@ -2,10 +2,12 @@
 
 Importing this package loads the C++ op library (libbpt_ops.so), after which the ops are
 available as ``torch.ops.bpt.<op>`` with autograd, fake (Meta) kernels for
-``torch.compile``, and the CPU kernels.
+``torch.compile``, the CPU kernels, and the CUDA kernels in a CUDA build.
 
 The library is looked up in this order: the ``BPT_OPS_LIBRARY`` environment variable, this
-package's folder, then the repository's ``build/`` folder.
+package's folder, then the repository's ``build-cuda/`` folder (``make build-cuda``) when
+torch is a CUDA build, then ``build/``. A library must be built against the torch that loads
+it: the CPU build's against the CPU wheel, the CUDA build's against the CUDA one.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ def _candidates() -> list[Path]:
     if os.environ.get("BPT_OPS_LIBRARY"):
         found.append(Path(os.environ["BPT_OPS_LIBRARY"]))
     found.append(Path(__file__).resolve().parent / _LIB_NAME)
+    if torch.version.cuda:
+        found.append(_REPO_ROOT / "build-cuda" / _LIB_NAME)
     found.append(_REPO_ROOT / "build" / _LIB_NAME)
     return found
 
@@ -36,7 +40,8 @@ def library_path() -> Path:
         if path.is_file():
             return path
     tried = ", ".join(str(p) for p in _candidates())
-    raise ImportError(f"bpt: {_LIB_NAME} not found (looked at {tried}); run `make build` first")
+    build = "make build-cuda" if torch.version.cuda else "make build"
+    raise ImportError(f"bpt: {_LIB_NAME} not found (looked at {tried}); run `{build}` first")
 
 
 torch.ops.load_library(str(library_path()))

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# make build-cuda: bpt against the CUDA 13.0 build of torch (torch==2.14.1, from the local
+# wheel cache, in a venv of its own: .venv-cuda), configured with -DBPT_CUDA=ON into
+# build-cuda/: the same targets as the CPU build, plus the CUDA kernels (csrc/ops/**/*.cu, for
+# TORCH_CUDA_ARCH_LIST, default "8.0;9.0a": A100 and H100) and NCCL process groups. It
+# compiles and links on a machine without a GPU; running needs one. The CPU build (make build)
+# needs none of this.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=.venv-cuda
+if ! "$VENV/bin/python" -c 'import torch, cmake; assert torch.version.cuda' 2>/dev/null; then
+  echo "build_cuda: preparing $VENV (torch==2.14.1 with CUDA 13.0, about 5.5 GB, and CMake 4.1)"
+  [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+  "$VENV/bin/python" -m pip install -q "torch==2.14.1" "cmake==4.1.0" "numpy" 2>&1 |
+    grep -v "is ignored: it is neither" || true
+fi
+site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+prefix=$("$VENV/bin/python" -c 'import torch; print(torch.utils.cmake_prefix_path)')
+cuda_home=${CUDA_HOME:-/usr/local/cuda}
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-8.0;9.0a}
+echo "build_cuda: torch $("$VENV/bin/python" -c 'import torch; print(torch.__version__)'), nvcc $cuda_home/bin/nvcc, architectures $TORCH_CUDA_ARCH_LIST"
+"$VENV/bin/cmake" -S . -B build-cuda -G Ninja -DCMAKE_BUILD_TYPE=Release -DBPT_CUDA=ON \
+  -DCMAKE_PREFIX_PATH="$prefix" -DCMAKE_CUDA_COMPILER="$cuda_home/bin/nvcc" \
+  -DCUDA_nvrtc_LIBRARY="$site/nvidia/cu13/lib/libnvrtc.so.13" \
+  -DBPT_CUDA_INCLUDE_DIRS="$site/nvidia/cu13/include;$site/nvidia/nccl/include"
+"$VENV/bin/cmake" --build build-cuda -j "${JOBS:-$(nproc)}"
+echo "build_cuda: ok (build-cuda/)"
