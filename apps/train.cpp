@@ -10,6 +10,8 @@
 #include <filesystem>
 #include <fstream>
 #include <optional>
+
+#include <ATen/Context.h>
 #include <nlohmann/json.hpp>
 
 #include "apps/app.h"
@@ -106,6 +108,22 @@ std::optional<bpt::models::llama::LoRAConfig> lora_config(const bpt::train::Fine
   return lora;
 }
 
+// --device: the CPU, or this rank's GPU (LOCAL_RANK), which must exist.
+at::Device training_device(const std::string& name, const bpt::dist::LaunchEnv& launch) {
+  if (name == "cpu") return at::kCPU;
+  if (name != "cuda") throw_input_error("--device: expected cpu or cuda, got '{}'", name);
+  if (!at::hasCUDA()) {
+    throw_input_error("--device cuda: no CUDA here (bpt and torch built for CUDA, make build-cuda, on a machine with "
+                      "a GPU)");
+  }
+  const int64_t gpus = at::getNumGPUs();
+  if (launch.local_rank >= gpus) {
+    throw_input_error("--device cuda: LOCAL_RANK {} but this machine has {} GPU(s) (one rank per GPU)",
+                      launch.local_rank, gpus);
+  }
+  return at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(launch.local_rank));
+}
+
 std::unique_ptr<bpt::data::DataLoader> make_json_loader(const bpt::train::DatasetConfig& d, const std::string& flag,
                                                         const bpt::data::Tokenizer* tokenizer, uint64_t seed) {
   if (tokenizer == nullptr) throw_input_error("--tokenizer.vocab_file: required for a json {}", flag);
@@ -171,8 +189,9 @@ int train(int argc, char** argv) {
   if (config.expert_parallel) {
     bpt::train::check_expert_parallel(llama, bpt::dist::parse_mesh_dim(config.mesh_dim, launch.world_size).fsdp);
   }
+  const at::Device device = training_device(config.device, launch);
   const bpt::dist::Mesh mesh =
-      bpt::dist::make_mesh(launch, config.mesh_dim, std::chrono::seconds(config.dist_timeout_s));
+      bpt::dist::make_mesh(launch, config.mesh_dim, std::chrono::seconds(config.dist_timeout_s), config.device);
   std::unique_ptr<bpt::data::Tokenizer> tokenizer;
   if (!config.tokenizer_vocab_file.empty()) {
     tokenizer = std::make_unique<bpt::data::Tokenizer>(config.tokenizer_vocab_file);
@@ -196,6 +215,7 @@ int train(int argc, char** argv) {
   bpt::train::LlamaModule module(model, bpt::train::parse_remat_policy(llama.remat_policy));
   module.tokenizer_file = config.tokenizer_vocab_file;
   if (lora) module.lora_base = fs::absolute(weights).lexically_normal().string();
+  if (!device.is_cpu()) module.to(device);
   if (mesh.distributed()) module.shard(mesh, config.fsdp, config.expert_parallel);
 
   if (!config.load_dataset_state.empty()) {

@@ -28,6 +28,8 @@ void register_flags(TrainConfig& c, io::FlagSet& flags) {
             "config.json; empty: load_checkpoint's config.json, or tiny without one", &c.load_llama_config);
   flags.add("update_llama_config", "config overrides: field=value,field=value", &c.update_llama_config);
   flags.add("dtype", "parameter and compute dtype: float32, bf16 (fp32 master weights) or fp16", &c.dtype);
+  flags.add("device", "cpu, or cuda (a CUDA build: make build-cuda): each rank on GPU LOCAL_RANK, NCCL between them",
+            &c.device);
   flags.add("total_steps", "optimizer updates to train for", &c.trainer.total_steps);
   flags.add("log_freq", "log metrics every this many steps", &c.trainer.log_freq);
   flags.add("save_model_freq", "save the checkpoint (replacing the last) every this many steps; 0: at the end only",

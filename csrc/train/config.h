@@ -37,6 +37,7 @@ struct TrainConfig {
   std::string update_llama_config;          // "field=value,..."
   std::vector<std::pair<std::string, std::string>> llama_overrides;  // --llama.<field>, in order
   std::string dtype = "float32";
+  std::string device = "cpu";  // cpu, or cuda: rank r on GPU LOCAL_RANK, NCCL between ranks
 
   // Steps, logging, saving, evaluation, resuming, output_dir, progress (the trainer's own).
   TrainerOptions trainer;

@@ -93,9 +93,16 @@ void LlamaModule::shard(const dist::Mesh& mesh, dist::FsdpOptions options, bool 
   };
 }
 
+void LlamaModule::to(at::Device device) {
+  TORCH_CHECK(!fsdp_, "LlamaModule::to: move the model before shard()");
+  model->to(device);
+  device_ = device;
+}
+
 StepOutput LlamaModule::training_step(const data::Batch& batch) {
   if (fsdp_) fsdp_->gather_root();
-  const nn::LMLoss out = model->forward(batch.input_ids, batch.targets, batch.segment_ids);
+  const auto here = [this](const at::Tensor& t) { return t.defined() ? t.to(device_) : t; };
+  const nn::LMLoss out = model->forward(here(batch.input_ids), here(batch.targets), here(batch.segment_ids));
   StepOutput step{out.loss, out.n_tokens.item<int64_t>(), out.n_correct.item<int64_t>(), {}};
   if (model->config.num_local_experts > 0) {
     const nn::RouterStats stats = model->router_stats();

@@ -36,6 +36,9 @@ class LlamaModule : public TrainModule {
   // (csrc/dist/expert_parallel.h; E a multiple of the group's size), tokens exchanged by all-to-all.
   void shard(const dist::Mesh& mesh, dist::FsdpOptions options = {}, bool expert_parallel = false);
 
+  // Moves the model (before shard()) and from then on each batch to `device`.
+  void to(at::Device device);
+
   StepOutput training_step(const data::Batch& batch) override;
   std::optional<StepOutput> validation_step(const data::Batch& batch) override;
   std::vector<std::pair<std::string, at::Tensor>> named_parameters() override;
@@ -59,6 +62,7 @@ class LlamaModule : public TrainModule {
 
  private:
   RematPolicy remat_;
+  at::Device device_ = at::kCPU;
   std::unique_ptr<dist::Fsdp> fsdp_;
   ShardedParameters sharding_;
   std::shared_ptr<int64_t> exchanged_bytes_ = std::make_shared<int64_t>(0);  // expert parallelism's all-to-alls

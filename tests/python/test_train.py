@@ -159,6 +159,8 @@ def test_checkpoint_generates_and_loads_in_transformers(tmp_path, corpus):
     (["--optimizer.adamw_optimizer.b2=1.5"], "b2: expected in [0, 1), got 1.5"),
     (["--train_dataset.type=json"], "--tokenizer.vocab_file: required for a json train_dataset"),
     (["--load_checkpoint=weights::x"], "--load_checkpoint: expected params::DIR"),
+    (["--device=tpu"], "--device: expected cpu or cuda, got 'tpu'"),
+    *([(["--device=cuda"], "--device cuda: no CUDA here")] if not torch.cuda.is_available() else []),
 ])
 def test_bad_flags_exit_2_naming_the_flag(tmp_path, flags, message):
     result = run_app("train", *TINY_RUN, f"--logger.output_dir={tmp_path}", "--total_steps=1",

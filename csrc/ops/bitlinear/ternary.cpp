@@ -78,6 +78,13 @@ std::tuple<at::Tensor, at::Tensor> ternary_pack_cpu(const at::Tensor& weight) {
   return {packed, scale};
 }
 
+// On CUDA: packed on the CPU (a one-off conversion before inference, not a hot path), in
+// the same format, and moved back.
+std::tuple<at::Tensor, at::Tensor> ternary_pack_cuda(const at::Tensor& weight) {
+  auto [packed, scale] = ternary_pack_cpu(weight.cpu());
+  return {packed.to(weight.device()), scale.to(weight.device())};
+}
+
 std::tuple<at::Tensor, at::Tensor> ternary_pack_meta(const at::Tensor& weight) {
   check_ternary_pack_args(weight);
   const c10::SymInt row_bytes = (weight.sym_size(1) + 3) / 4;
@@ -156,6 +163,9 @@ TORCH_LIBRARY_IMPL(bpt, CPU, m) {
   m.impl("ternary_pack", &ternary_pack_cpu);
   m.impl("ternary_linear", &ternary_linear_cpu);
 }
+
+// ternary_linear's CUDA kernel is in ternary_linear.cu (CUDA builds only).
+TORCH_LIBRARY_IMPL(bpt, CUDA, m) { m.impl("ternary_pack", &ternary_pack_cuda); }
 
 TORCH_LIBRARY_IMPL(bpt, Meta, m) {
   m.impl("ternary_pack", &ternary_pack_meta);
