@@ -5,23 +5,38 @@
 # TORCH_CUDA_ARCH_LIST, default "8.0;9.0a": A100 and H100) and NCCL process groups. It
 # compiles and links on a machine without a GPU; running needs one. The CPU build (make build)
 # needs none of this.
+#
+# BPT_CUDA_PYTHON=/path/to/python builds against that interpreter's CUDA torch instead (a GPU
+# machine with its own torch and no network); it needs CMake >= 3.26 on the PATH or in it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV=.venv-cuda
-if ! "$VENV/bin/python" -c 'import torch, cmake; assert torch.version.cuda' 2>/dev/null; then
-  echo "build_cuda: preparing $VENV (torch==2.14.1 with CUDA 13.0, about 5.5 GB, and CMake 4.1)"
-  [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
-  "$VENV/bin/python" -m pip install -q "torch==2.14.1" "cmake==4.1.0" "numpy" 2>&1 |
-    grep -v "is ignored: it is neither" || true
+if [ -n "${BPT_CUDA_PYTHON:-}" ]; then
+  python=$BPT_CUDA_PYTHON
+  cmake=$("$python" -c 'import cmake, os; print(os.path.join(cmake.CMAKE_BIN_DIR, "cmake"))' 2>/dev/null || command -v cmake)
+else
+  VENV=.venv-cuda
+  python=$VENV/bin/python
+  cmake=$VENV/bin/cmake
+  if ! "$python" -c 'import torch, cmake, pytest, transformers; assert torch.version.cuda' 2>/dev/null; then
+    echo "build_cuda: preparing $VENV (torch==2.14.1 with CUDA 13.0, about 5.5 GB, CMake 4.1, pytest, transformers)"
+    [ -x "$python" ] || python3 -m venv "$VENV"
+    "$python" -m pip install -q "torch==2.14.1" "cmake==4.1.0" numpy pytest "transformers==5.24.0" 2>&1 |
+      grep -v "is ignored: it is neither" || true
+  fi
+  # `import bpt` from the venv, as tools/setup.sh does for .venv (it loads build-cuda/ here).
+  echo "$PWD/python" > "$("$python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/bpt.pth"
 fi
-site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-prefix=$("$VENV/bin/python" -c 'import torch; print(torch.utils.cmake_prefix_path)')
+"$python" -c 'import torch; assert torch.version.cuda, "not a CUDA build of torch"'
+site=$("$python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+prefix=$("$python" -c 'import torch; print(torch.utils.cmake_prefix_path)')
 cuda_home=${CUDA_HOME:-/usr/local/cuda}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-8.0;9.0a}
-echo "build_cuda: torch $("$VENV/bin/python" -c 'import torch; print(torch.__version__)'), nvcc $cuda_home/bin/nvcc, architectures $TORCH_CUDA_ARCH_LIST"
-"$VENV/bin/cmake" -S . -B build-cuda -G Ninja -DCMAKE_BUILD_TYPE=Release -DBPT_CUDA=ON \
-  -DCMAKE_PREFIX_PATH="$prefix" -DCMAKE_CUDA_COMPILER="$cuda_home/bin/nvcc" \
-  -DCUDA_nvrtc_LIBRARY="$site/nvidia/cu13/lib/libnvrtc.so.13" \
+echo "build_cuda: torch $("$python" -c 'import torch; print(torch.__version__)'), nvcc $cuda_home/bin/nvcc," \
+  "architectures $TORCH_CUDA_ARCH_LIST"
+extra=()
+[ -e "$site/nvidia/cu13/lib/libnvrtc.so.13" ] && extra+=("-DCUDA_nvrtc_LIBRARY=$site/nvidia/cu13/lib/libnvrtc.so.13")
+"$cmake" -S . -B build-cuda -G Ninja -DCMAKE_BUILD_TYPE=Release -DBPT_CUDA=ON \
+  -DCMAKE_PREFIX_PATH="$prefix" -DCMAKE_CUDA_COMPILER="$cuda_home/bin/nvcc" "${extra[@]}" \
   -DBPT_CUDA_INCLUDE_DIRS="$site/nvidia/cu13/include;$site/nvidia/nccl/include"
-"$VENV/bin/cmake" --build build-cuda -j "${JOBS:-$(nproc)}"
+"$cmake" --build build-cuda -j "${JOBS:-$(nproc)}"
 echo "build_cuda: ok (build-cuda/)"

@@ -7,7 +7,9 @@ torch and a `make build-cuda` build: `pytest -m cuda`."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -61,6 +63,32 @@ def test_attention_against_cpu_and_reference(dtype, tol, group, D, segments, kv_
     want, _ = reference.attention(q, k, v, True, seg, kv_offset=kv_offset)
     assert_same(out_g.double(), want, tol, tol)
     check_backward(out_c, out_g, (qc, kc, vc), (qg, kg, vg), tol, tol)
+
+
+TILED_CHECK = """
+import torch, bpt
+ops = torch.ops.bpt
+for dtype in (torch.bfloat16, torch.float16):
+    for group, D, T, S, kv_offset, segments in [(1, 64, 37, 37, 0, False), (4, 128, 100, 130, 30, True),
+                                                (8, 64, 1, 65, 64, False), (2, 128, 200, 200, 0, True)]:
+        q = torch.randn(2, 2 * group, T, D, dtype=dtype)
+        k, v = (torch.randn(2, 2, S, D, dtype=dtype) for _ in range(2))
+        seg = (torch.arange(S) >= S // 3).long().repeat(2, 1) if segments else None
+        kw = dict(causal=True, q_chunk=-1, k_chunk=-1, kv_offset=kv_offset)
+        out, lse = ops.blockwise_attention(q, k, v, segment_ids=seg, **kw)
+        got, got_lse = ops.blockwise_attention(q.cuda(), k.cuda(), v.cuda(),
+                                               segment_ids=None if seg is None else seg.cuda(), **kw)
+        torch.testing.assert_close(got.cpu(), out, rtol=3e-2, atol=3e-2)
+        torch.testing.assert_close(got_lse.cpu(), lse, rtol=1e-2, atol=1e-2)
+print("tiled ok")
+"""
+
+
+def test_tiled_attention_forward_against_cpu():
+    # The tiled kernel is opt-in (BPT_CUDA_ATTENTION=tiled, read once per process): a process of its own.
+    env = {**os.environ, "BPT_CUDA_ATTENTION": "tiled"}
+    result = subprocess.run([sys.executable, "-c", TILED_CHECK], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0 and "tiled ok" in result.stdout, result.stderr
 
 
 def test_rms_norm_and_rotary_against_cpu():

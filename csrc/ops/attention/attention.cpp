@@ -122,13 +122,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
   return {grad_q.to(q.scalar_type()), grad_k.to(k.scalar_type()), grad_v.to(v.scalar_type())};
 }
 
-// The ATen implementation (attention_generic.cpp) until a tiled tensor-core kernel replaces it.
+// The tiled tensor-core forward where a CUDA build has it and it is enabled, else the ATen
+// blocks (attention_generic.cpp); the backward is the ATen one.
 std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                   bool causal, int64_t q_chunk, int64_t k_chunk,
                                                   const std::optional<at::Tensor>& segment_ids,
                                                   std::optional<double> scale, int64_t kv_offset) {
   const AttentionParams p = make_attention_params(q, k, v, causal, q_chunk, k_chunk, segment_ids, scale, kv_offset);
-  return generic::attention_forward(p, q, k, v, segment_ids.value_or(at::Tensor()));
+  const at::Tensor seg = segment_ids.value_or(at::Tensor());
+  at::Tensor out, lse;
+  if (tiled_attention_forward() != nullptr && tiled_attention_forward()(p, q, k, v, seg, out, lse)) return {out, lse};
+  return generic::attention_forward(p, q, k, v, seg);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
@@ -204,6 +208,11 @@ std::tuple<at::Tensor, at::Tensor> attention_autograd(const at::Tensor& q, const
 }
 
 }  // namespace
+
+tiled_attention_fn*& tiled_attention_forward() {
+  static tiled_attention_fn* kernel = nullptr;
+  return kernel;
+}
 
 AttentionParams make_attention_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
                                       int64_t q_chunk, int64_t k_chunk,

@@ -40,6 +40,14 @@ AttentionParams make_attention_params(const at::Tensor& q, const at::Tensor& k, 
                                       const std::optional<at::Tensor>& segment_ids, std::optional<double> scale,
                                       int64_t kv_offset);
 
+// The tiled tensor-core forward of a CUDA build (attention_forward.cu, opt-in with
+// BPT_CUDA_ATTENTION=tiled) sets this when the library loads; null otherwise. It returns
+// false for what it does not cover (dtype, head dim), and the generic blocks run instead.
+using tiled_attention_fn = bool(const AttentionParams& p, const at::Tensor& q, const at::Tensor& k,
+                                const at::Tensor& v, const at::Tensor& segment_ids, at::Tensor& out,
+                                at::Tensor& lse);
+tiled_attention_fn*& tiled_attention_forward();
+
 }  // namespace bpt::ops
 
 namespace bpt::cpu {
