@@ -12,7 +12,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -n "${BPT_CUDA_PYTHON:-}" ]; then
   python=$BPT_CUDA_PYTHON
-  cmake=$("$python" -c 'import cmake, os; print(os.path.join(cmake.CMAKE_BIN_DIR, "cmake"))' 2>/dev/null || command -v cmake)
+  cmake=$("$python" -c 'import cmake, os; print(os.path.join(cmake.CMAKE_BIN_DIR, "cmake"))' 2>/dev/null ||
+          command -v cmake) || { echo "build_cuda: no CMake (pip's cmake module or cmake on the PATH)" >&2; exit 1; }
 else
   VENV=.venv-cuda
   python=$VENV/bin/python
@@ -21,7 +22,9 @@ else
     echo "build_cuda: preparing $VENV (torch==2.14.1 with CUDA 13.0, about 5.5 GB, CMake 4.1, pytest, transformers)"
     [ -x "$python" ] || python3 -m venv "$VENV"
     "$python" -m pip install -q "torch==2.14.1" "cmake==4.1.0" numpy pytest "transformers==5.24.0" 2>&1 |
-      grep -v "is ignored: it is neither" || true
+      grep -v "is ignored: it is neither" || true  # pip's notes about absent local indexes
+    "$python" -c 'import torch, cmake, pytest, transformers' ||
+      { echo "build_cuda: pip could not install torch==2.14.1, cmake, pytest, transformers into $VENV" >&2; exit 1; }
   fi
   # `import bpt` from the venv, as tools/setup.sh does for .venv (it loads build-cuda/ here).
   echo "$PWD/python" > "$("$python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/bpt.pth"
@@ -34,8 +37,9 @@ export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-8.0;9.0a}
 echo "build_cuda: torch $("$python" -c 'import torch; print(torch.__version__)'), nvcc $cuda_home/bin/nvcc," \
   "architectures $TORCH_CUDA_ARCH_LIST"
 extra=()
+command -v ninja >/dev/null && extra+=(-G Ninja)
 [ -e "$site/nvidia/cu13/lib/libnvrtc.so.13" ] && extra+=("-DCUDA_nvrtc_LIBRARY=$site/nvidia/cu13/lib/libnvrtc.so.13")
-"$cmake" -S . -B build-cuda -G Ninja -DCMAKE_BUILD_TYPE=Release -DBPT_CUDA=ON \
+"$cmake" -S . -B build-cuda -DCMAKE_BUILD_TYPE=Release -DBPT_CUDA=ON \
   -DCMAKE_PREFIX_PATH="$prefix" -DCMAKE_CUDA_COMPILER="$cuda_home/bin/nvcc" "${extra[@]}" \
   -DBPT_CUDA_INCLUDE_DIRS="$site/nvidia/cu13/include;$site/nvidia/nccl/include"
 "$cmake" --build build-cuda -j "${JOBS:-$(nproc)}"

@@ -6,6 +6,7 @@
 #include <torch/csrc/autograd/custom_function.h>
 
 #include <algorithm>
+#include <optional>
 
 namespace bpt::nn {
 namespace {
@@ -17,12 +18,21 @@ struct FnHolder : torch::CustomClassHolder {
   CheckpointHooks hooks;
 };
 
+// The default generator of the inputs' GPU, if they are on one: dropout there draws from it.
+std::optional<at::Generator> gpu_generator(at::TensorList inputs) {
+  for (const at::Tensor& input : inputs) {
+    if (input.defined() && input.is_cuda()) return at::globalContext().defaultGenerator(input.device());
+  }
+  return std::nullopt;
+}
+
 class Checkpoint : public torch::autograd::Function<Checkpoint> {
  public:
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const TensorFn& fn,
                                                 const CheckpointHooks& hooks, at::TensorList inputs) {
     ctx->saved_data["fn"] = c10::IValue::make_capsule(c10::make_intrusive<FnHolder>(fn, hooks));
     ctx->saved_data["rng"] = at::detail::getDefaultCPUGenerator().get_state();
+    if (const auto gpu = gpu_generator(inputs)) ctx->saved_data["gpu_rng"] = gpu->get_state();
     c10::List<bool> needs_grad;
     for (const at::Tensor& input : inputs) needs_grad.push_back(input.requires_grad());
     ctx->saved_data["needs_grad"] = needs_grad;
@@ -42,10 +52,14 @@ class Checkpoint : public torch::autograd::Function<Checkpoint> {
     const auto saved = ctx->get_saved_variables();
     for (size_t i = 0; i < saved.size(); ++i) inputs.push_back(saved[i].detach().requires_grad_(needs_grad[i]));
 
-    // Recompute under the random state the forward saw, then put the current one back.
+    // Recompute under the random state the forward saw (the CPU's, and the GPU's for inputs
+    // on one), then put the current one back.
     at::Generator generator = at::detail::getDefaultCPUGenerator();
     const at::Tensor rng_now = generator.get_state();
     generator.set_state(ctx->saved_data["rng"].toTensor());
+    std::optional<at::Generator> gpu = gpu_generator(inputs);
+    const at::Tensor gpu_rng_now = gpu ? gpu->get_state() : at::Tensor();
+    if (gpu) gpu->set_state(ctx->saved_data["gpu_rng"].toTensor());
     if (holder->hooks.before_recompute) holder->hooks.before_recompute();
     std::vector<at::Tensor> outputs;
     {
@@ -53,6 +67,7 @@ class Checkpoint : public torch::autograd::Function<Checkpoint> {
       outputs = holder->fn(inputs);
     }
     generator.set_state(rng_now);
+    if (gpu) gpu->set_state(gpu_rng_now);
 
     std::vector<at::Tensor> roots, root_grads;
     for (size_t i = 0; i < outputs.size(); ++i) {

@@ -1,8 +1,9 @@
 #pragma once
 // Activation checkpointing for C++, which has no torch.utils.checkpoint: checkpoint(fn,
 // inputs) runs fn without keeping its activations for backward; the backward pass runs fn
-// again from the saved inputs (with the CPU random state of the first run, so dropout draws
-// the same mask) and back-propagates through the recomputation. Parameters used inside fn
+// again from the saved inputs (with the random state of the first run, the CPU's and that of
+// the inputs' GPU, so dropout draws the same mask) and back-propagates through the
+// recomputation. Parameters used inside fn
 // get their gradients as usual.
 //
 // Hooks let a caller act around both runs: the FSDP wrapper (csrc/dist/fsdp.h) gathers a

@@ -61,17 +61,23 @@ void restore_rng(const nlohmann::json& bytes) {
 
 }  // namespace
 
-double measure_peak_flops(at::ScalarType dtype) {
+double measure_peak_flops(at::ScalarType dtype, at::Device device) {
   at::NoGradGuard no_grad;
-  constexpr int64_t n = 2048;
+  // A GPU needs larger products, and more of them, to reach its speed.
+  const int64_t n = device.is_cpu() ? 2048 : 8192;
+  const int reps = device.is_cpu() ? 3 : 20;
   // A generator of its own: the global one belongs to training (and a resumed run's state).
   at::Generator generator = at::make_generator<at::CPUGeneratorImpl>(0);
-  const at::Tensor a = at::randn({n, n}, generator).to(dtype), b = at::randn({n, n}, generator).to(dtype);
-  at::mm(a, b);  // warm-up
+  const at::Tensor a = at::randn({n, n}, generator).to(device, dtype);
+  const at::Tensor b = at::randn({n, n}, generator).to(device, dtype);
+  // Reading one element waits for the product (a GPU computes asynchronously).
+  const auto finished = [](const at::Tensor& c) { c.select(0, 0).select(0, 0).item<double>(); };
+  finished(at::mm(a, b));  // warm-up
   const auto start = Clock::now();
-  constexpr int reps = 3;
-  for (int i = 0; i < reps; ++i) at::mm(a, b);
-  return 2.0 * n * n * n * reps / seconds_since(start);
+  at::Tensor c;
+  for (int i = 0; i < reps; ++i) c = at::mm(a, b);
+  finished(c);
+  return 2.0 * static_cast<double>(n * n * n) * reps / seconds_since(start);
 }
 
 data::Batch slice_rows(const data::Batch& batch, int64_t rank, int64_t ranks) {
@@ -152,7 +158,8 @@ FitResult Trainer::fit(TrainModule& module, data::DataLoader& train, data::DataL
   double peak_flops = options_.peak_flops;
   if (peak_flops <= 0 && flops_per_token > 0) {
     const auto parameters = module.named_parameters();
-    peak_flops = measure_peak_flops(parameters.empty() ? at::kFloat : parameters.front().second.scalar_type());
+    const at::Tensor first = parameters.empty() ? at::zeros({}) : parameters.front().second;
+    peak_flops = measure_peak_flops(first.scalar_type(), first.device());
   }
   peak_flops *= ranks;  // the whole world's
   const auto trainer_state = [&] {

@@ -70,7 +70,8 @@ class Trainer {
 // ranks does not divide the batch size B.
 data::Batch slice_rows(const data::Batch& batch, int64_t rank, int64_t ranks);
 
-// FLOP/s of a 2048^3 matmul in `dtype` on this machine: the peak MFU is measured against.
-double measure_peak_flops(at::ScalarType dtype);
+// FLOP/s of a matmul in `dtype` on `device` (2048^3 on the CPU, 8192^3 on a GPU): the peak
+// MFU is measured against.
+double measure_peak_flops(at::ScalarType dtype, at::Device device = at::kCPU);
 
 }  // namespace bpt::train

@@ -2,7 +2,8 @@
 op and the fp64 reference, opcheck on CUDA, the ternary kernel against the CPU one, and
 bpt-train on one GPU (and FSDP over NCCL on two) against the CPU. Skipped, with the reason,
 where torch has no CUDA device (this build machine); run them on a GPU machine with the CUDA
-torch and a `make build-cuda` build: `pytest -m cuda`."""
+torch and a `make build-cuda` build: `BPT_REQUIRE_CUDA=1 pytest -m cuda` (with it set, a
+missing GPU fails the tests instead: a driver too old for the torch build looks the same)."""
 
 from __future__ import annotations
 
@@ -10,17 +11,29 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+import bpt
 import reference
-from llama_helpers import BUILD, ROOT, run_app
 
 pytestmark = [
     pytest.mark.cuda,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device (torch.cuda.is_available() is False)"),
+    pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("BPT_REQUIRE_CUDA") != "1",
+                       reason="no CUDA device (torch.cuda.is_available() is False)"),
 ]
+
+# The apps beside the op library this torch loads (build-cuda/ under a CUDA torch); not
+# llama_helpers, whose transformers import a GPU machine may lack.
+BUILD = bpt.library_path().parent
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_app(name: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BUILD / f"bpt-{name}"), *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)
 
 ops = torch.ops.bpt
 
@@ -67,26 +80,39 @@ def test_attention_against_cpu_and_reference(dtype, tol, group, D, segments, kv_
 
 TILED_CHECK = """
 import torch, bpt
+from torch.profiler import ProfilerActivity, profile
 ops = torch.ops.bpt
 for dtype in (torch.bfloat16, torch.float16):
-    for group, D, T, S, kv_offset, segments in [(1, 64, 37, 37, 0, False), (4, 128, 100, 130, 30, True),
-                                                (8, 64, 1, 65, 64, False), (2, 128, 200, 200, 0, True)]:
+    for causal, group, D, T, S, kv_offset, segments in [
+            (True, 1, 64, 37, 37, 0, False), (True, 4, 128, 100, 130, 30, True), (True, 8, 64, 1, 65, 64, False),
+            (True, 2, 128, 200, 200, 0, True), (False, 4, 128, 100, 130, 30, False), (False, 1, 64, 70, 70, 0, True)]:
         q = torch.randn(2, 2 * group, T, D, dtype=dtype)
         k, v = (torch.randn(2, 2, S, D, dtype=dtype) for _ in range(2))
         seg = (torch.arange(S) >= S // 3).long().repeat(2, 1) if segments else None
-        kw = dict(causal=True, q_chunk=-1, k_chunk=-1, kv_offset=kv_offset)
-        out, lse = ops.blockwise_attention(q, k, v, segment_ids=seg, **kw)
-        got, got_lse = ops.blockwise_attention(q.cuda(), k.cuda(), v.cuda(),
-                                               segment_ids=None if seg is None else seg.cuda(), **kw)
-        torch.testing.assert_close(got.cpu(), out, rtol=3e-2, atol=3e-2)
-        torch.testing.assert_close(got_lse.cpu(), lse, rtol=1e-2, atol=1e-2)
+        kw = dict(causal=causal, q_chunk=-1, k_chunk=-1, kv_offset=kv_offset)
+        cpu = [t.clone().requires_grad_() for t in (q, k, v)]
+        gpu = [t.cuda().requires_grad_() for t in (q, k, v)]
+        out, lse = ops.blockwise_attention(*cpu, segment_ids=seg, **kw)
+        with profile(activities=[ProfilerActivity.CUDA]) as trace:
+            got, got_lse = ops.blockwise_attention(*gpu, segment_ids=None if seg is None else seg.cuda(), **kw)
+            torch.cuda.synchronize()
+        assert any("attention_forward_tiled" in e.name for e in trace.events()), "the tiled kernel did not run"
+        torch.testing.assert_close(got.detach().cpu(), out.detach(), rtol=3e-2, atol=3e-2)
+        torch.testing.assert_close(got_lse.detach().cpu(), lse.detach(), rtol=1e-2, atol=1e-2)
+        # The generic backward from the tiled forward's out and lse.
+        grad = torch.randn_like(out)
+        out.backward(grad)
+        got.backward(grad.cuda())
+        for c, g in zip(cpu, gpu):
+            torch.testing.assert_close(g.grad.cpu(), c.grad, rtol=5e-2, atol=5e-2)
 print("tiled ok")
 """
 
 
 def test_tiled_attention_forward_against_cpu():
-    # The tiled kernel is opt-in (BPT_CUDA_ATTENTION=tiled, read once per process): a process of its own.
-    env = {**os.environ, "BPT_CUDA_ATTENTION": "tiled"}
+    # The tiled kernel is opt-in (BPT_CUDA_ATTENTION=tiled, read once per process): a process of
+    # its own, importing bpt from the checkout.
+    env = {**os.environ, "BPT_CUDA_ATTENTION": "tiled", "PYTHONPATH": str(ROOT / "python")}
     result = subprocess.run([sys.executable, "-c", TILED_CHECK], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0 and "tiled ok" in result.stdout, result.stderr
 

@@ -46,7 +46,8 @@ def table_lines(records, markdown=False):
         base_impl = next((b for b in BASELINES if b in impls), None)
         metrics = list(dict.fromkeys(
             m for k in keys for r in groups[k].values() for m in r
-            if m != "peak_mb" and (m.endswith(("_ms", "_mb", "_per_s")) or m.startswith(("max_", "comm_")))))
+            if m != "peak_mb" and (m.endswith(("_ms", "_mb", "_per_s")) or m.startswith(("max_", "comm_", "mfu"))
+                                   or "_vs_" in m)))
         metrics = [m for m in metrics if m.endswith("_ms")] + [m for m in metrics if not m.endswith("_ms")]
         header = ["params", "impl"] + metrics
         body = []
@@ -79,7 +80,9 @@ def main():
     records = [r for f in args.files for r in json.loads(f.read_text())]
     if records and "machine" in records[0]:
         m = records[0]["machine"]
-        print(f"machine: {m['cpu']}, {m['threads']} threads, torch {m['torch']} ({m['cpu_capability']}), {m['date']}")
+        gpu = f", {m['gpu']} (CUDA {m['cuda']})" if "gpu" in m else ""
+        print(f"machine: {m['cpu']}, {m['threads']} threads, torch {m['torch']} ({m['cpu_capability']}){gpu}, "
+              f"{m['date']}")
     print_table(records, args.markdown)
 
 

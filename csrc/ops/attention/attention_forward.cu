@@ -34,6 +34,11 @@ namespace {
 
 constexpr int kRows = 64;   // query rows per block
 constexpr int kKeys = 64;   // keys per tile
+// Row strides of the score (fp32) and probability (16-bit) tiles, padded past 64 so that the
+// rows the 16 lane pairs of a warp read and write fall in different shared-memory banks (and
+// still multiples of 16 bytes, as WMMA wants).
+constexpr int kScoreStride = kKeys + 4;
+constexpr int kProbStride = kKeys + 8;
 constexpr int kWarps = 4;   // 16 rows each
 constexpr int kThreads = 32 * kWarps;
 
@@ -53,7 +58,8 @@ __device__ __forceinline__ __half from_float(float x) { return __float2half(x); 
 template <int D>
 constexpr size_t shared_bytes(size_t element) {
   // Q, K, V tiles and P in the input type; S and O in fp32; m, l and the rescale per row.
-  return (kRows * D + 2 * kKeys * D + kRows * kKeys) * element + (kRows * kKeys + kRows * D + 3 * kRows) * 4;
+  return (kRows * D + 2 * kKeys * D + kRows * kProbStride) * element +
+         (kRows * kScoreStride + kRows * D + 3 * kRows) * sizeof(float);
 }
 
 template <typename T, int D>
@@ -67,14 +73,13 @@ __global__ void __launch_bounds__(kThreads) attention_forward_tiled(KernelParams
   T* k_tile = q_tile + kRows * D;
   T* v_tile = k_tile + kKeys * D;
   T* p_tile = v_tile + kKeys * D;
-  float* s_tile = reinterpret_cast<float*>(p_tile + kRows * kKeys);
-  float* o_tile = s_tile + kRows * kKeys;
+  float* s_tile = reinterpret_cast<float*>(p_tile + kRows * kProbStride);
+  float* o_tile = s_tile + kRows * kScoreStride;
   float* row_max = o_tile + kRows * D;
   float* row_sum = row_max + kRows;
   float* row_rescale = row_sum + kRows;
 
-  const int64_t head = blockIdx.y;  // b * Hq + h
-  const int64_t b = head / p.q_heads, h = head % p.q_heads;
+  const int64_t b = blockIdx.z, h = blockIdx.y, head = b * p.q_heads + h;
   const int64_t kv_head = b * p.kv_heads + h / (p.q_heads / p.kv_heads);
   const int64_t first_row = static_cast<int64_t>(blockIdx.x) * kRows;
   const T* q_head = q + head * p.q_len * D;
@@ -123,14 +128,14 @@ __global__ void __launch_bounds__(kThreads) attention_forward_tiled(KernelParams
         wmma::load_matrix_sync(bt, k_tile + 16 * n * D + 16 * d, D);
         wmma::mma_sync(acc, a, bt, acc);
       }
-      wmma::store_matrix_sync(s_tile + 16 * warp * kKeys + 16 * n, acc, kKeys, wmma::mem_row_major);
+      wmma::store_matrix_sync(s_tile + 16 * warp * kScoreStride + 16 * n, acc, kScoreStride, wmma::mem_row_major);
     }
     __syncwarp();
 
-    // Scale, mask, and the online softmax of this lane's 32 keys of its row.
-    float* scores = s_tile + row * kKeys;
+    // Scale, mask, and the online softmax of this lane's 32 keys of its row (every other one).
+    float* scores = s_tile + row * kScoreStride;
     float tile_max = -INFINITY;
-    for (int c = 32 * half; c < 32 * half + 32; ++c) {
+    for (int c = half; c < kKeys; c += 2) {
       const int64_t key = first_key + c;
       const bool visible = real_row && key < p.kv_len && (!p.causal || key <= query_pos) &&
                            (segments == nullptr || segments[key] == query_doc);
@@ -143,9 +148,9 @@ __global__ void __launch_bounds__(kThreads) attention_forward_tiled(KernelParams
     const float new_max = fmaxf(old_max, tile_max);
     const float shift = new_max == -INFINITY ? 0.0f : new_max;  // nothing visible yet: exp(-inf) = 0
     float tile_sum = 0.0f;
-    for (int c = 32 * half; c < 32 * half + 32; ++c) {
+    for (int c = half; c < kKeys; c += 2) {
       const float prob = expf(scores[c] - shift);
-      p_tile[row * kKeys + c] = from_float<T>(prob);
+      p_tile[row * kProbStride + c] = from_float<T>(prob);
       tile_sum += prob;
     }
     tile_sum += __shfl_xor_sync(0xffffffffu, tile_sum, 1);
@@ -170,7 +175,7 @@ __global__ void __launch_bounds__(kThreads) attention_forward_tiled(KernelParams
       for (int c = 0; c < kKeys / 16; ++c) {
         wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
         wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> bv;
-        wmma::load_matrix_sync(a, p_tile + 16 * warp * kKeys + 16 * c, kKeys);
+        wmma::load_matrix_sync(a, p_tile + 16 * warp * kProbStride + 16 * c, kProbStride);
         wmma::load_matrix_sync(bv, v_tile + 16 * c * D + 16 * n, D);
         wmma::mma_sync(acc, a, bv, acc);
       }
@@ -183,7 +188,9 @@ __global__ void __launch_bounds__(kThreads) attention_forward_tiled(KernelParams
     const int r = i / D;
     const int64_t query_row = first_row + r;
     if (query_row < p.q_len) {
-      out[(head * p.q_len + query_row) * D + i % D] = from_float<T>(o_tile[i] / row_sum[r]);
+      // (A row that saw no key, which the op's checks rule out, gives 0 as on the CPU.)
+      const float sum = row_sum[r];
+      out[(head * p.q_len + query_row) * D + i % D] = from_float<T>(sum > 0.0f ? o_tile[i] / sum : 0.0f);
     }
   }
   for (int r = threadIdx.x; r < kRows; r += kThreads) {
@@ -199,8 +206,8 @@ void launch(const AttentionParams& p, const at::Tensor& q, const at::Tensor& k, 
   const auto kernel = attention_forward_tiled<T, D>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
   const KernelParams kp{p.q_heads, p.kv_heads, p.q_len, p.kv_len, p.kv_offset, p.causal, static_cast<float>(p.scale)};
-  const dim3 grid(static_cast<unsigned int>((p.q_len + kRows - 1) / kRows),
-                  static_cast<unsigned int>(p.batch * p.q_heads));
+  const dim3 grid(static_cast<unsigned int>((p.q_len + kRows - 1) / kRows), static_cast<unsigned int>(p.q_heads),
+                  static_cast<unsigned int>(p.batch));
   kernel<<<grid, kThreads, bytes, at::cuda::getCurrentCUDAStream()>>>(
       kp, reinterpret_cast<const T*>(q.const_data_ptr()), reinterpret_cast<const T*>(k.const_data_ptr()),
       reinterpret_cast<const T*>(v.const_data_ptr()),
@@ -218,10 +225,15 @@ bool tiled_forward(const AttentionParams& p, const at::Tensor& q, const at::Tens
   }();
   const auto dtype = q.scalar_type();
   if (!enabled || (dtype != at::kBFloat16 && dtype != at::kHalf) || (p.head_dim != 64 && p.head_dim != 128) ||
-      p.q_len == 0 || p.batch * p.q_heads == 0) {
+      p.q_len == 0 || p.batch * p.q_heads == 0 || p.q_heads > 65535 || p.batch > 65535) {
     return false;
   }
   const c10::cuda::CUDAGuard guard(q.device());
+  // Built for sm_80 and sm_90a; the tiles need more shared memory than some cards allow a
+  // block (99 KB on sm_86/89 is less than D = 128's).
+  const cudaDeviceProp* device = at::cuda::getCurrentDeviceProperties();
+  const size_t needed = p.head_dim == 64 ? shared_bytes<64>(2) : shared_bytes<128>(2);
+  if (device->major < 8 || device->sharedMemPerBlockOptin < needed) return false;
   const at::Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
   const at::Tensor seg = p.has_segments ? segment_ids.to(at::kLong).contiguous() : at::Tensor();
   out = at::empty_like(qc);
