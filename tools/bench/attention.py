@@ -32,7 +32,9 @@ convention for causal attention: forward 4 B Hq T^2 D / 2, backward 2.5 times th
 so forward+backward 3.5 times; packed cases count the work of their two documents, half that.
 Every time and peak is also given against the fastest SDPA backend of the case and phase
 (<phase>_time_vs_best_sdpa, <phase>_peak_vs_best_sdpa; <phase>_best_sdpa names it). bpt's
-forward is checked against SDPA on the same inputs (max_abs_err, packed: each document alone).
+forward is checked against SDPA on the same inputs (max_abs_err, packed: each document alone),
+and bpt-tiled's profiled for its kernel (tiled_kernel_ran; false: the op fell back to the
+generic blocks, and the run says so).
 """
 
 import math
@@ -130,13 +132,13 @@ def run_phase(p, phase):
 def import_bpt():
     """bpt from this checkout (a GPU machine's own Python may have no bpt.pth); a clear exit
     where its library is missing or built against another torch."""
-    sys.path.insert(0, str(REPO / "python"))
+    if str(REPO / "python") not in sys.path:
+        sys.path.insert(0, str(REPO / "python"))
     try:
-        import bpt
+        import bpt  # noqa: F401
     except (ImportError, OSError) as e:
         sys.exit(f"attention: import bpt failed: {e}\n(on a GPU machine with its own torch: "
                  "BPT_CUDA_PYTHON=python3 make build-cuda)")
-    return bpt
 
 
 def cuda_cases(args):
@@ -234,7 +236,24 @@ def run_cuda_phase(p, phase):
         extra[f"{phase}_gqa"] = gqa
     if phase == "fwd" and impl not in backends:
         extra["max_abs_err"] = forward_error(bpt_attention, inputs[:3], segment_ids is not None)
+    if phase == "fwd" and impl.startswith("bpt-tiled"):
+        extra["tiled_kernel_ran"] = tiled_kernel_ran(bpt_attention, inputs[:3])
     return ms, peak, extra
+
+
+def tiled_kernel_ran(bpt_attention, inputs):
+    """Whether the forward ran attention_forward_tiled (the op falls back to the generic blocks
+    where the card or the shapes do not suit it); None where the profiler fails."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as trace:
+            bpt_attention(*inputs)
+            torch.cuda.synchronize()
+        return any("attention_forward_tiled" in event.name for event in trace.events())
+    except Exception:  # noqa: BLE001 (a profiler without CUPTI: unknown, not an error)
+        return None
 
 
 def forward_error(bpt_attention, inputs, packed):
@@ -284,6 +303,10 @@ def compare(records):
                 twin = ran.get(impl.removesuffix("-packed"))
                 if impl.endswith("-packed") and twin:
                     r[f"{phase}_time_vs_unpacked"] = r[ms] / twin[ms]
+    untiled = [r["params"]["T"] for r in records if r.get("tiled_kernel_ran") is False]
+    if untiled:
+        print(f"attention: bpt-tiled ran the generic blocks, not the tiled kernel, at T = {untiled}: its rows are "
+              "the generic path's")
 
 
 if __name__ == "__main__":

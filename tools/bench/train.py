@@ -21,7 +21,7 @@ bf16 (fp32 master weights), chunks as above: bpt (everything_saveable) and bpt-r
 bpt-train's own (model FLOPs per token: 6 per matmul weight plus 12 L H d T for attention, the
 causal mask not halving it) against --peak_flops 989e12 (H100 SXM bf16 dense). step_peak_mb
 stays bpt-train's host VmHWM. torch.cuda.max_memory_allocated cannot be read from outside the
-process, so gpu_used_peak_mb is nvidia-smi's memory.used (every GPU), sampled every 0.2 s and
+process, so gpu_used_peak_mb is nvidia-smi's memory.used (every GPU), sampled about every 0.2 s,
 less its value before the run: it includes the CUDA context and the caching allocator's free
 blocks, so it is above torch's allocated peak. Without nvidia-smi the field is absent and the
 record says so (gpu_memory).
