@@ -55,6 +55,24 @@ __device__ __forceinline__ __nv_bfloat16 from_float(float x) { return __float2bf
 template <>
 __device__ __forceinline__ __half from_float(float x) { return __float2half(x); }
 
+using Accumulator = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>;
+
+// acc (16 x 16) += A B over `slices` 16-wide slices of the inner dimension: A row-major at a
+// (leading dimension lda; slice s starts 16 s columns on), B of layout `BLayout` at b (leading
+// dimension ldb; slice s starts b_step s elements on).
+template <typename T, typename BLayout>
+__device__ __forceinline__ void mma_slices(Accumulator& acc, const T* a, int lda, const T* b, int ldb, int b_step,
+                                           int slices) {
+  namespace wmma = nvcuda::wmma;
+  for (int s = 0; s < slices; ++s) {
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a_part;
+    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, BLayout> b_part;
+    wmma::load_matrix_sync(a_part, a + 16 * s, lda);
+    wmma::load_matrix_sync(b_part, b + b_step * s, ldb);
+    wmma::mma_sync(acc, a_part, b_part, acc);
+  }
+}
+
 template <int D>
 constexpr size_t shared_bytes(size_t element) {
   // Q, K, V tiles and P in the input type; S and O in fp32; m, l and the rescale per row.
@@ -102,7 +120,7 @@ __global__ void __launch_bounds__(kThreads) attention_forward_tiled(KernelParams
   const int64_t last_row = (first_row + kRows < p.q_len ? first_row + kRows : p.q_len) - 1;
   const int64_t causal_end = p.kv_offset + last_row + 1;
   const int64_t key_end = p.causal && causal_end < p.kv_len ? causal_end : p.kv_len;
-  // This lane's row of the warp's 16 (two lanes per row, 32 keys each).
+  // This lane's row of the warp's 16 (two lanes per row, every other key each).
   const int row = 16 * warp + lane / 2, half = lane % 2;
   const int64_t query = first_row + row, query_pos = p.kv_offset + query;
   const bool real_row = query < p.q_len;
@@ -117,17 +135,12 @@ __global__ void __launch_bounds__(kThreads) attention_forward_tiled(KernelParams
     }
     __syncthreads();
 
-    // S (the warp's 16 rows x 64 keys) = Q K^T: K row-major [keys, D] is K^T column-major.
+    // S (the warp's 16 rows x 64 keys) = Q K^T: K row-major [keys, D] is K^T column-major,
+    // and slice d of K^T's rows starts 16 d elements into each key's row.
     for (int n = 0; n < kKeys / 16; ++n) {
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+      Accumulator acc;
       wmma::fill_fragment(acc, 0.0f);
-      for (int d = 0; d < D / 16; ++d) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> bt;
-        wmma::load_matrix_sync(a, q_tile + 16 * warp * D + 16 * d, D);
-        wmma::load_matrix_sync(bt, k_tile + 16 * n * D + 16 * d, D);
-        wmma::mma_sync(acc, a, bt, acc);
-      }
+      mma_slices<T, wmma::col_major>(acc, q_tile + 16 * warp * D, D, k_tile + 16 * n * D, D, 16, D / 16);
       wmma::store_matrix_sync(s_tile + 16 * warp * kScoreStride + 16 * n, acc, kScoreStride, wmma::mem_row_major);
     }
     __syncwarp();
@@ -169,16 +182,12 @@ __global__ void __launch_bounds__(kThreads) attention_forward_tiled(KernelParams
       o_tile[r * D + i % D] *= row_rescale[r];
     }
     __syncwarp();
+    // (Slice c of V's rows: keys 16 c .. 16 c + 15, 16 c D elements on.)
     for (int n = 0; n < D / 16; ++n) {
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+      Accumulator acc;
       wmma::load_matrix_sync(acc, o_tile + 16 * warp * D + 16 * n, D, wmma::mem_row_major);
-      for (int c = 0; c < kKeys / 16; ++c) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> bv;
-        wmma::load_matrix_sync(a, p_tile + 16 * warp * kProbStride + 16 * c, kProbStride);
-        wmma::load_matrix_sync(bv, v_tile + 16 * c * D + 16 * n, D);
-        wmma::mma_sync(acc, a, bv, acc);
-      }
+      mma_slices<T, wmma::row_major>(acc, p_tile + 16 * warp * kProbStride, kProbStride, v_tile + 16 * n, D, 16 * D,
+                                     kKeys / 16);
       wmma::store_matrix_sync(o_tile + 16 * warp * D + 16 * n, acc, D, wmma::mem_row_major);
     }
     __syncthreads();  // the next tile overwrites K and V
