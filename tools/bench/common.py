@@ -31,6 +31,7 @@ import argparse
 import json
 import platform
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -123,6 +124,17 @@ def require_cuda(bench: str) -> None:
     else:
         return
     sys.exit(f"{bench}: --device cuda needs a GPU and a CUDA build of torch; {why}")
+
+
+def gpu_memory_used_mb():
+    """nvidia-smi's memory.used summed over the GPUs, in MiB; None without nvidia-smi. Read from
+    outside the process that uses the GPU, whose torch counters cannot be read from there."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return None
+    out = subprocess.run([smi, "--query-gpu=memory.used", "--format=csv,noheader,nounits"], capture_output=True,
+                         text=True, timeout=30)
+    return sum(float(x) for x in out.stdout.split()) if out.returncode == 0 and out.stdout.split() else None
 
 
 def hf_training_ms(model, rows: int, T: int, steps: int, warmup: int, seed: int = 0) -> float:

@@ -28,7 +28,6 @@ record says so (gpu_memory).
 """
 
 import json
-import shutil
 import statistics
 import subprocess
 import sys
@@ -37,7 +36,7 @@ import threading
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, hf_training_ms, main  # noqa: E402
+from common import REPO, gpu_memory_used_mb, hf_training_ms, main  # noqa: E402
 
 PHASES = ("step",)
 MODEL = dict(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
@@ -113,16 +112,6 @@ def run_bpt(p):
         return ms, max(r["peak_memory_mb"] for r in records)
     extra["mfu"] = statistics.median(r["mfu"] for r in timed) if all("mfu" in r for r in timed) else None
     return ms, max(r["peak_memory_mb"] for r in records), extra
-
-
-def gpu_memory_used_mb():
-    """nvidia-smi's memory.used summed over the GPUs, in MiB; None without nvidia-smi."""
-    smi = shutil.which("nvidia-smi")
-    if smi is None:
-        return None
-    out = subprocess.run([smi, "--query-gpu=memory.used", "--format=csv,noheader,nounits"], capture_output=True,
-                         text=True, timeout=30)
-    return sum(float(x) for x in out.stdout.split()) if out.returncode == 0 and out.stdout.split() else None
 
 
 def run_watching_gpu_memory(cmd):
