@@ -25,28 +25,22 @@ at::Tensor exchange(const Group& group, const at::Tensor& in, const std::vector<
 // The gradient of all_to_all: the output's gradient goes back to the ranks its rows came from.
 struct AllToAllBackward : torch::autograd::Node {
   AllToAllBackward(Group group_, std::vector<int64_t> out_splits_, std::vector<int64_t> in_splits_,
-                   std::vector<int64_t> in_shape_, std::shared_ptr<int64_t> sent_bytes_)
+                   std::shared_ptr<int64_t> sent_bytes_)
       : group(std::move(group_)),
         out_splits(std::move(out_splits_)),
         in_splits(std::move(in_splits_)),
-        in_shape(std::move(in_shape_)),
         sent_bytes(std::move(sent_bytes_)) {}
 
   torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override {
     TORCH_CHECK(!at::GradMode::is_enabled(), "bpt::dist::all_to_all: no double backward");
-    // Every rank takes part, with zeros if nothing reached this output.
-    at::Tensor grad = grads[0];
-    if (!grad.defined()) {
-      std::vector<int64_t> shape = in_shape;
-      shape[0] = std::accumulate(out_splits.begin(), out_splits.end(), int64_t{0});
-      grad = at::zeros(shape, input_metadata(0).options());
-    }
+    // Every rank takes part, with zeros (the output's shape) if nothing reached this output.
+    const at::Tensor grad = grads[0].defined() ? grads[0] : input_metadata(0).zeros_like();
     return {exchange(group, grad, in_splits, out_splits, sent_bytes.get())};
   }
   std::string name() const override { return "bpt::dist::AllToAllBackward"; }
 
   Group group;
-  std::vector<int64_t> out_splits, in_splits, in_shape;
+  std::vector<int64_t> out_splits, in_splits;
   std::shared_ptr<int64_t> sent_bytes;
 };
 
@@ -73,7 +67,7 @@ at::Tensor all_to_all(const Group& group, const at::Tensor& in, const std::vecto
     out = exchange(group, in.detach(), out_splits, in_splits, sent_bytes.get());
   }
   if (differentiable && at::GradMode::is_enabled()) {
-    auto node = make_node<AllToAllBackward>(group, out_splits, in_splits, in.sizes().vec(), std::move(sent_bytes));
+    auto node = make_node<AllToAllBackward>(group, out_splits, in_splits, std::move(sent_bytes));
     node->set_next_edges(torch::autograd::collect_next_edges(in));
     torch::autograd::set_history(out, node);
   }

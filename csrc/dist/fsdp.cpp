@@ -346,10 +346,22 @@ int64_t Fsdp::held_bytes() const {
   return bytes;
 }
 
-const Fsdp::Entry* Fsdp::find(const std::string& name) const {
-  auto it = by_name_.find(name);
+namespace {
+
+// `name` in `names` (a map or set by parameter name), or else the parameter "<name>.<suffix>"
+// belongs to (an optimizer state, "<parameter>.exp_avg").
+template <typename Names>
+auto find_parameter(const Names& names, const std::string& name) {
+  auto it = names.find(name);
   const size_t dot = name.rfind('.');
-  if (it == by_name_.end() && dot != std::string::npos) it = by_name_.find(name.substr(0, dot));
+  if (it == names.end() && dot != std::string::npos) it = names.find(name.substr(0, dot));
+  return it;
+}
+
+}  // namespace
+
+const Fsdp::Entry* Fsdp::find(const std::string& name) const {
+  const auto it = find_parameter(by_name_, name);
   return it == by_name_.end() ? nullptr : it->second;
 }
 
@@ -378,8 +390,7 @@ bool Fsdp::assign(const std::string& name, const at::Tensor& whole) {
 }
 
 bool Fsdp::is_placed(const std::string& name) const {
-  const size_t dot = name.rfind('.');
-  return placed_names_.count(name) > 0 || (dot != std::string::npos && placed_names_.count(name.substr(0, dot)) > 0);
+  return find_parameter(placed_names_, name) != placed_names_.end();
 }
 
 at::Tensor Fsdp::piece_of(const std::string& name, const at::Tensor& whole) const {

@@ -250,13 +250,13 @@ void Group::all_to_all(at::Tensor out, const at::Tensor& in, const std::vector<i
   };
   TORCH_CHECK(static_cast<int64_t>(out_splits.size()) == size_ && static_cast<int64_t>(in_splits.size()) == size_,
               "all_to_all: one split per rank");
-  TORCH_CHECK(in.size(0) == rows(in_splits) && out.size(0) == rows(out_splits), "all_to_all: ", in.size(0),
-              " rows in and ", out.size(0), " out, but the splits add up to ", rows(in_splits), " and ",
-              rows(out_splits));
   TORCH_CHECK(in.dim() >= 1 && out.dim() == in.dim() && out.sizes().slice(1) == in.sizes().slice(1) &&
                   out.scalar_type() == in.scalar_type(),
               "all_to_all: in ", in.scalar_type(), " ", in.sizes(), " and out ", out.scalar_type(), " ", out.sizes(),
               " must be rows of one dtype and shape");
+  TORCH_CHECK(in.size(0) == rows(in_splits) && out.size(0) == rows(out_splits), "all_to_all: ", in.size(0),
+              " rows in and ", out.size(0), " out, but the splits add up to ", rows(in_splits), " and ",
+              rows(out_splits));
   if (!backend_) {
     out.copy_(in);
     return;

@@ -16,10 +16,8 @@ namespace fs = std::filesystem;
 using models::llama::LayerInputs;
 using models::llama::LlamaDecoderLayerImpl;
 
-namespace {
 // In the name of every expert parameter: model.layers.{i}.block_sparse_moe.experts.{e}.w1.weight
 constexpr std::string_view kExperts = ".block_sparse_moe.experts.";
-}  // namespace
 
 LlamaModule::LlamaModule(models::llama::LlamaForCausalLM model_, RematPolicy remat)
     : model(std::move(model_)), remat_(remat) {
