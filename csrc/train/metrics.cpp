@@ -1,5 +1,6 @@
 #include "csrc/train/metrics.h"
 
+#include <c10/core/CachingDeviceAllocator.h>
 #include <unistd.h>
 
 #include <filesystem>
@@ -17,6 +18,23 @@ double peak_memory_mb() {
     if (line.rfind("VmHWM:", 0) == 0) return std::stod(line.substr(6)) / 1024.0;
   }
   return 0;
+}
+
+std::optional<DeviceMemoryPeaks> device_memory_peaks(c10::Device device) {
+  if (device.is_cpu()) return std::nullopt;
+  c10::DeviceAllocator* allocator = c10::getDeviceAllocator(device.type());
+  if (!allocator->initialized()) return std::nullopt;
+  const auto stats = allocator->getDeviceStats(device.index());
+  constexpr auto all = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
+  constexpr double kMB = 1024.0 * 1024.0;
+  return DeviceMemoryPeaks{static_cast<double>(stats.allocated_bytes[all].peak) / kMB,
+                           static_cast<double>(stats.reserved_bytes[all].peak) / kMB};
+}
+
+void reset_device_memory_peaks(c10::Device device) {
+  if (device.is_cpu()) return;
+  c10::DeviceAllocator* allocator = c10::getDeviceAllocator(device.type());
+  if (allocator->initialized()) allocator->resetPeakStats(device.index());
 }
 
 MetricsLog::MetricsLog(const std::string& output_dir, const std::string& progress, int64_t total_steps, bool enabled)
@@ -81,6 +99,9 @@ void MetricsLog::log(const nlohmann::json& record, double eta_s) {
                                  record["loss"].get<double>(), record["lr"].get<double>(),
                                  record["tokens_per_s"].get<double>());
   if (record.contains("mfu")) line += fmt::format("  MFU {:.1f}%", 100 * record["mfu"].get<double>());
+  if (record.contains("gpu_peak_memory_mb")) {
+    line += fmt::format("  GPU {:.2f} GiB", record["gpu_peak_memory_mb"].get<double>() / 1024);
+  }
   line += fmt::format("  ETA {}", duration(eta_s));
   if (bar_) {
     constexpr int kWidth = 24;

@@ -1,11 +1,13 @@
 #pragma once
 // What a training run reports: one JSON line per logged step in metrics.jsonl (always), and
-// on a terminal a progress line redrawn in place (step, loss, lr, tokens/s, MFU, ETA); off a
-// terminal a plain line per log step.
+// on a terminal a progress line redrawn in place (step, loss, lr, tokens/s, MFU, a GPU's peak
+// memory, ETA); off a terminal a plain line per log step.
+#include <c10/core/Device.h>
 #include <nlohmann/json.hpp>
 
 #include <cstdint>
 #include <cstdio>
+#include <optional>
 #include <string>
 
 namespace bpt::train {
@@ -39,5 +41,21 @@ class MetricsLog {
 
 // Peak resident memory of this process so far, in MB (Linux VmHWM).
 double peak_memory_mb();
+
+// A GPU's peaks in its caching allocator since the last reset_device_memory_peaks (or the
+// process's start), in MB (2^20 bytes, as peak_memory_mb): `allocated_mb` what tensors held at
+// most (torch.cuda.max_memory_allocated), `reserved_mb` what the allocator took from the
+// device, cached blocks included (torch.cuda.max_memory_reserved; nvidia-smi shows this plus
+// the CUDA context). Device-generic (c10::DeviceAllocator): no CUDA headers.
+struct DeviceMemoryPeaks {
+  double allocated_mb = 0;
+  double reserved_mb = 0;
+};
+
+// nullopt for the CPU, or a device whose allocator has not been used yet. `device` names its
+// index (a tensor's device does).
+std::optional<DeviceMemoryPeaks> device_memory_peaks(c10::Device device);
+// The peaks come down to what is held now, starting the next window; nothing for the CPU.
+void reset_device_memory_peaks(c10::Device device);
 
 }  // namespace bpt::train

@@ -46,17 +46,19 @@ class StopSignals {
 using Clock = std::chrono::steady_clock;
 double seconds_since(Clock::time_point start) { return std::chrono::duration<double>(Clock::now() - start).count(); }
 
-nlohmann::json rng_state() {
-  const at::Tensor state = at::detail::getDefaultCPUGenerator().get_state();
+// A generator's state as bytes in trainer_state.json: "rng" the CPU's default generator, and on
+// a GPU run "gpu_rng" the default generator of the run's GPU (dropout on GPU tensors draws from
+// it), the names nn::checkpoint gives the two when it replays a block.
+nlohmann::json rng_state(const at::Generator& generator) {
+  const at::Tensor state = generator.get_state();  // a CPU byte tensor
   return std::vector<uint8_t>(state.data_ptr<uint8_t>(), state.data_ptr<uint8_t>() + state.numel());
 }
 
-void restore_rng(const nlohmann::json& bytes) {
+void restore_rng(at::Generator generator, const nlohmann::json& bytes) {
   const auto values = bytes.get<std::vector<uint8_t>>();
   at::Tensor state = at::empty({static_cast<int64_t>(values.size())}, at::kByte);
   std::copy(values.begin(), values.end(), state.data_ptr<uint8_t>());
-  at::Generator generator = at::detail::getDefaultCPUGenerator();
-  generator.set_state(state);
+  generator.set_state(state);  // checks the size for its kind of generator
 }
 
 }  // namespace
@@ -129,6 +131,13 @@ FitResult Trainer::fit(TrainModule& module, data::DataLoader& train, data::DataL
     throw_input_error("the ranks found different checkpoints to resume from (this rank: '{}'); is {} on a "
                       "filesystem every rank shares?", resume_from, options_.output_dir);
   }
+  // The device the module trains on (its parameters'), and their dtype for the peak FLOP/s.
+  at::Device device = at::kCPU;
+  at::ScalarType dtype = at::kFloat;
+  if (const auto parameters = module.named_parameters(); !parameters.empty()) {
+    device = parameters.front().second.device();
+    dtype = parameters.front().second.scalar_type();
+  }
   nlohmann::json resumed;
   if (!resume_from.empty()) {
     resumed = Checkpointer::read_state(resume_from);
@@ -144,9 +153,19 @@ FitResult Trainer::fit(TrainModule& module, data::DataLoader& train, data::DataL
     }
     try {
       train.restore(resumed["dataset"]);
-      if (resumed.contains("rng")) restore_rng(resumed["rng"]);
+      if (resumed.contains("rng")) restore_rng(at::detail::getDefaultCPUGenerator(), resumed["rng"]);
+      // A checkpoint without gpu_rng (a CPU run's, or an older one) leaves the GPU's generator
+      // where the run's start put it (bpt-train: --seed).
+      if (resumed.contains("gpu_rng") && device.is_cuda()) {
+        restore_rng(at::globalContext().defaultGenerator(device), resumed["gpu_rng"]);
+      } else if (resumed.contains("gpu_rng")) {
+        metrics.note(fmt::format("{}: GPU random state (gpu_rng) ignored: this run is on the {}", resume_from,
+                                 device.str()));
+      }
     } catch (const nlohmann::json::exception& e) {
       throw_input_error("{}/trainer_state.json: {}", resume_from, e.what());
+    } catch (const c10::Error& e) {
+      throw_input_error("{}/trainer_state.json: {}", resume_from, e.what_without_backtrace());
     }
     metrics.drop_after(result.steps);  // lines a crashed run logged past its last checkpoint
     metrics.note(fmt::format("resumed from {} at step {}", resume_from, result.steps));
@@ -156,20 +175,18 @@ FitResult Trainer::fit(TrainModule& module, data::DataLoader& train, data::DataL
 
   const double flops_per_token = module.flops_per_token(options_.seq_length);
   double peak_flops = options_.peak_flops;
-  if (peak_flops <= 0 && flops_per_token > 0) {
-    const auto parameters = module.named_parameters();
-    const at::Tensor first = parameters.empty() ? at::zeros({}) : parameters.front().second;
-    peak_flops = measure_peak_flops(first.scalar_type(), first.device());
-  }
+  if (peak_flops <= 0 && flops_per_token > 0) peak_flops = measure_peak_flops(dtype, device);
   peak_flops *= ranks;  // the whole world's
   const auto trainer_state = [&] {
     nlohmann::json config = nlohmann::json::object();
     for (const auto& [name, value] : options_.run_config) config[name] = value;
-    return nlohmann::json{{"step", result.steps},
-                          {"skipped_steps", result.skipped_steps},
-                          {"dataset", train.state()},
-                          {"config", config},
-                          {"rng", rng_state()}};
+    nlohmann::json state = {{"step", result.steps},
+                            {"skipped_steps", result.skipped_steps},
+                            {"dataset", train.state()},
+                            {"config", config},
+                            {"rng", rng_state(at::detail::getDefaultCPUGenerator())}};
+    if (device.is_cuda()) state["gpu_rng"] = rng_state(at::globalContext().defaultGenerator(device));
+    return state;
   };
   const auto save = [&](const std::string& name) {
     checkpointer.save(name, module, optimizer, trainer_state());
@@ -184,6 +201,8 @@ FitResult Trainer::fit(TrainModule& module, data::DataLoader& train, data::DataL
   std::map<std::string, double> window_metrics;
   const double state_mb = static_cast<double>(module.held_bytes() + optimizer.state_bytes()) / 1e6;
   int64_t window_comm_start = module.communicated_bytes();
+  // GPU memory peaks per log window, as torchtitan's: not counting the peak-FLOP/s matmul.
+  reset_device_memory_peaks(device);
   // Every rank stops at the same step: a signal reaching one rank is shared in an all-reduce.
   const auto should_stop = [&] { return world_.sum({stop_requested ? 1.0 : 0.0})[0] > 0; };
   while (result.steps < options_.total_steps && !should_stop()) {
@@ -230,6 +249,11 @@ FitResult Trainer::fit(TrainModule& module, data::DataLoader& train, data::DataL
                                {"skipped_steps", result.skipped_steps},
                                {"time_s", seconds_since(run_start)}};
       if (flops_per_token > 0 && peak_flops > 0) record["mfu"] = flops_per_token * tokens_per_s / peak_flops;
+      if (const auto gpu = device_memory_peaks(device)) {  // this rank's GPU
+        record["gpu_peak_memory_mb"] = gpu->allocated_mb;
+        record["gpu_peak_reserved_mb"] = gpu->reserved_mb;
+        reset_device_memory_peaks(device);
+      }
       for (const auto& [name, sum] : window_metrics) record[name] = sum / static_cast<double>(window_micro_batches);
       window_metrics.clear();
       window_micro_batches = 0;
