@@ -7,20 +7,39 @@ Extra fields: weight_mb, the weight bytes one call reads (packed bytes for terna
 2 N K for torch), and weight_gb_per_s = weight_mb / ms.
 
 --quick: (N, K) = (4096, 4096), M = 1. full: (4096, 4096), (11008, 4096), (4096, 11008) x M 1, 8.
+
+--device cuda (a GPU, a CUDA torch and `make build-cuda`): bf16 x on the GPU, ternary_linear
+(its quantize step and the GEMV, M = 1, or the token-tiled GEMM) against F.linear with the bf16
+weight (cuBLAS), same shapes, M 1, 4, 16 (--quick: (4096, 4096), M 1 and 16). Times are the
+median of calls between CUDA events (common.measure_cuda), peaks torch's allocator's; each
+record of a case gets time_vs_torch_bf16 (below 1: ternary is faster), and ternary records get
+max_rel_err: the largest |ternary - the op's math in fp32 matmuls| over the largest |that|, a
+check that the timed op computes the intended product (bf16 output rounding: at most 2^-8).
 """
 
 import sys
+from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import main, measure  # noqa: E402
+from common import REPO, main, measure, measure_cuda  # noqa: E402
 
 PHASES = ("fwd",)
 IMPLS = ("ternary", "torch", "torch-bf16")
+CUDA_IMPLS = ("ternary", "torch-bf16")
+
+
+def add_args(parser):
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
 
 
 def cases(args):
     shapes = [(4096, 4096)] if args.quick else [(4096, 4096), (11008, 4096), (4096, 11008)]
+    if args.device == "cuda":
+        import_bpt()  # here, once, rather than a failure in every case
+        tokens = [1, 16] if args.quick else [1, 4, 16]
+        return [{"device": "cuda", "N": N, "K": K, "M": M, "impl": impl}
+                for N, K in shapes for M in tokens for impl in CUDA_IMPLS]
     tokens = [1] if args.quick else [1, 8]
     return [{"N": N, "K": K, "M": M, "impl": impl} for N, K in shapes for M in tokens for impl in IMPLS]
 
@@ -30,6 +49,8 @@ def annotate(record):
 
 
 def run_phase(p, phase):
+    if p.get("device") == "cuda":
+        return run_cuda_phase(p)
     import torch
 
     import bpt  # noqa: F401  (loads torch.ops.bpt)
@@ -57,5 +78,67 @@ def run_phase(p, phase):
     return ms, peak, {"weight_mb": weight_bytes / 1e6}
 
 
+# --device cuda
+
+
+def import_bpt():
+    """bpt from this checkout (a GPU machine's own Python may have no bpt.pth); a clear exit
+    where its library is missing or built against another torch."""
+    if str(REPO / "python") not in sys.path:
+        sys.path.insert(0, str(REPO / "python"))
+    try:
+        import bpt  # noqa: F401
+    except (ImportError, OSError) as e:
+        sys.exit(f"bitlinear: import bpt failed: {e}\n(on a GPU machine with its own torch: "
+                 "BPT_CUDA_PYTHON=python3 make build-cuda)")
+
+
+def run_cuda_phase(p):
+    import torch
+    import torch.nn.functional as F
+
+    import_bpt()
+    N, K, M, impl = p["N"], p["K"], p["M"], p["impl"]
+    w = torch.randn(N, K, device="cuda") / K**0.5
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    extra = {"weight_mb": (N * ((K + 3) // 4) if impl == "ternary" else 2 * N * K) / 1e6}
+    with torch.no_grad():
+        if impl == "ternary":
+            packed, scale = torch.ops.bpt.ternary_pack(w)
+            inputs = (x, packed, scale)
+
+            def fn(x, packed, scale):
+                torch.ops.bpt.ternary_linear(x, packed, scale, K)
+
+            # The op's math: absmax int8 tokens times the ternary levels, exact in fp32 here.
+            amax = x.float().abs().amax(-1, keepdim=True).clamp_min(1e-5)
+            s = torch.full_like(amax, 127.0) / amax  # not 127 / amax: a reciprocal, then a product
+            x_q = (x.float() * s).round().clamp(-128, 127)
+            want = F.linear(x_q, torch.round(w / scale).clamp(-1, 1)) * (scale / s)
+            got = torch.ops.bpt.ternary_linear(x, packed, scale, K).float()
+            extra["max_rel_err"] = ((got - want).abs().max() / want.abs().max()).item()
+        else:
+            inputs = (x, w.to(torch.bfloat16))
+
+            def fn(x, w):
+                F.linear(x, w)
+
+        ms, peak = measure_cuda(lambda: inputs, fn)
+    return ms, peak, extra
+
+
+def compare(records):
+    """--device cuda: every record of a case against F.linear in bf16 (time_vs_torch_bf16)."""
+    by_case = defaultdict(dict)
+    for r in records:
+        if r["params"].get("device") == "cuda":
+            by_case[str(sorted(r["params"].items()))][r["impl"]] = r
+    for impls in by_case.values():
+        base = impls.get("torch-bf16", {}).get("ms")
+        for r in impls.values():
+            if base and "ms" in r:
+                r["time_vs_torch_bf16"] = r["ms"] / base
+
+
 if __name__ == "__main__":
-    main(__file__, cases, PHASES, run_phase, annotate=annotate)
+    main(__file__, cases, PHASES, run_phase, add_args, annotate=annotate, finish=compare)
