@@ -12,7 +12,7 @@ Implementations, side by side in each case:
   bpt               blockwise_attention (q and k chunk --chunk, 256) with its default CUDA
                     path, the generic ATen blocks;
   bpt-tiled         the same in a process with BPT_CUDA_ATTENTION=tiled: the tiled
-                    tensor-core forward (the backward stays generic);
+                    tensor-core forward and backward;
   bpt-packed        as bpt with segment_ids: two documents of T/2 packed in the row, against
                     its unpacked twin (<phase>_time_vs_unpacked); bpt-tiled-packed, the same
                     for bpt-tiled, runs only when --impl names it (every case is a process
@@ -236,22 +236,25 @@ def run_cuda_phase(p, phase):
         extra[f"{phase}_gqa"] = gqa
     if phase == "fwd" and impl not in backends:
         extra["max_abs_err"] = forward_error(bpt_attention, inputs[:3], segment_ids is not None)
-    if phase == "fwd" and impl.startswith("bpt-tiled"):
-        extra["tiled_kernel_ran"] = tiled_kernel_ran(bpt_attention, inputs[:3])
+    if impl.startswith("bpt-tiled"):
+        extra["tiled_kernel_ran"] = tiled_kernel_ran(step, inputs, train)
     return ms, peak, extra
 
 
-def tiled_kernel_ran(bpt_attention, inputs):
-    """Whether the forward ran attention_forward_tiled (the op falls back to the generic blocks
-    where the card or the shapes do not suit it); None where the profiler fails."""
+def tiled_kernel_ran(step, inputs, train):
+    """Whether the phase ran attention_forward_tiled (and attention_backward_tiled with train):
+    the op falls back to the generic blocks where the card or the shapes do not suit the
+    kernels. None where the profiler fails."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
+    kernels = ("attention_forward_tiled", "attention_backward_tiled") if train else ("attention_forward_tiled",)
     try:
-        with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as trace:
-            bpt_attention(*inputs)
+        with profile(activities=[ProfilerActivity.CUDA]) as trace:
+            step(*inputs)
             torch.cuda.synchronize()
-        return any("attention_forward_tiled" in event.name for event in trace.events())
+        names = [event.name for event in trace.events()]
+        return all(any(kernel in name for name in names) for kernel in kernels)
     except Exception:  # noqa: BLE001 (a profiler without CUPTI: unknown, not an error)
         return None
 
@@ -305,8 +308,8 @@ def compare(records):
                     r[f"{phase}_time_vs_unpacked"] = r[ms] / twin[ms]
     untiled = [r["params"]["T"] for r in records if r.get("tiled_kernel_ran") is False]
     if untiled:
-        print(f"attention: bpt-tiled ran the generic blocks, not the tiled kernel, at T = {untiled}: its rows are "
-              "the generic path's")
+        print(f"attention: bpt-tiled ran the generic blocks, not the tiled kernels, at T = {untiled}: its rows "
+              "are the generic path's")
 
 
 if __name__ == "__main__":

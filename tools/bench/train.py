@@ -20,11 +20,10 @@ bf16 (fp32 master weights), chunks as above: bpt (everything_saveable) and bpt-r
 (nothing_saveable); 8 steps, the median of the last 5. tokens_per_s as on the CPU; mfu is
 bpt-train's own (model FLOPs per token: 6 per matmul weight plus 12 L H d T for attention, the
 causal mask not halving it) against --peak_flops 989e12 (H100 SXM bf16 dense). step_peak_mb
-stays bpt-train's host VmHWM. torch.cuda.max_memory_allocated cannot be read from outside the
-process, so gpu_used_peak_mb is nvidia-smi's memory.used (every GPU), sampled about every 0.2 s,
-less its value before the run: it includes the CUDA context and the caching allocator's free
-blocks, so it is above torch's allocated peak. Without nvidia-smi the field is absent and the
-record says so (gpu_memory).
+stays bpt-train's host VmHWM; gpu_peak_allocated_mb and gpu_peak_reserved_mb are the largest of
+bpt-train's own per-window GPU peaks (its metrics' gpu_peak_memory_mb and gpu_peak_reserved_mb:
+torch.cuda.max_memory_allocated and max_memory_reserved, in MiB) over the timed steps, the
+warm-up's first allocations left out.
 """
 
 import json
@@ -32,11 +31,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, gpu_memory_used_mb, hf_training_ms, main  # noqa: E402
+from common import REPO, hf_training_ms, main  # noqa: E402
 
 PHASES = ("step",)
 MODEL = dict(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
@@ -102,7 +100,11 @@ def run_bpt(p):
                f"--llama.loss_chunk_size={chunks if chunks < 0 else 1024}",
                f"--peak_flops={CUDA_PEAK_FLOPS if gpu else '1e12'}"]
         if gpu:  # bpt-train always saves at the end: the 1B's weights only, not AdamW's 13 GB
-            extra = run_watching_gpu_memory(cmd + ["--device=cuda", "--checkpointer.save_optimizer_state=false"])
+            proc = subprocess.run(cmd + ["--device=cuda", "--checkpointer.save_optimizer_state=false"],
+                                  capture_output=True, text=True, timeout=3000)
+            if proc.returncode != 0:
+                lines = (proc.stderr.strip() or proc.stdout.strip()).splitlines() or ["(no output)"]
+                raise RuntimeError(f"bpt-train exited with {proc.returncode}: {lines[-1]}")
         else:
             subprocess.run(cmd, check=True, capture_output=True, timeout=3000)
         records = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
@@ -110,38 +112,10 @@ def run_bpt(p):
     ms = statistics.median(p["T"] / r["tokens_per_s"] * 1e3 for r in timed)
     if not gpu:
         return ms, max(r["peak_memory_mb"] for r in records)
-    extra["mfu"] = statistics.median(r["mfu"] for r in timed) if all("mfu" in r for r in timed) else None
+    extra = {"mfu": statistics.median(r["mfu"] for r in timed) if all("mfu" in r for r in timed) else None,
+             "gpu_peak_allocated_mb": max(r["gpu_peak_memory_mb"] for r in timed),
+             "gpu_peak_reserved_mb": max(r["gpu_peak_reserved_mb"] for r in timed)}
     return ms, max(r["peak_memory_mb"] for r in records), extra
-
-
-def run_watching_gpu_memory(cmd):
-    """Runs bpt-train (cmd), sampling nvidia-smi every 0.2 s; returns {"gpu_used_peak_mb"} (the
-    largest sample less the one before the run) or a note saying why there is none."""
-    before = gpu_memory_used_mb()
-    samples, done = [], threading.Event()
-
-    def watch():
-        while not done.wait(0.2):
-            used = gpu_memory_used_mb()
-            if used is not None:
-                samples.append(used)
-
-    watcher = threading.Thread(target=watch, daemon=True)
-    if before is not None:
-        watcher.start()
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3000)
-    finally:
-        done.set()
-    if proc.returncode != 0:
-        lines = (proc.stderr.strip() or proc.stdout.strip()).splitlines() or ["(no output)"]
-        raise RuntimeError(f"bpt-train exited with {proc.returncode}: {lines[-1]}")
-    if before is None:
-        return {"gpu_memory": "not measured: no nvidia-smi"}
-    watcher.join()
-    if not samples:
-        return {"gpu_memory": "not measured: nvidia-smi gave no sample during the run"}
-    return {"gpu_used_peak_mb": max(samples) - before}
 
 
 def run_hf(p):

@@ -122,8 +122,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
   return {grad_q.to(q.scalar_type()), grad_k.to(k.scalar_type()), grad_v.to(v.scalar_type())};
 }
 
-// The tiled tensor-core forward where a CUDA build has it and it is enabled, else the ATen
-// blocks (attention_generic.cpp); the backward is the ATen one.
+// The tiled tensor-core kernels where a CUDA build has them and they are enabled, else the
+// ATen blocks (attention_generic.cpp).
 std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                   bool causal, int64_t q_chunk, int64_t k_chunk,
                                                   const std::optional<at::Tensor>& segment_ids,
@@ -141,8 +141,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
     const std::optional<at::Tensor>& segment_ids, std::optional<double> scale, int64_t kv_offset) {
   const AttentionParams p = make_attention_params(q, k, v, causal, q_chunk, k_chunk, segment_ids, scale, kv_offset);
   check_backward_args(grad_out, grad_lse, q, out, lse);
-  return generic::attention_backward(p, grad_out, grad_lse.value_or(at::Tensor()), q, k, v, out, lse,
-                                     segment_ids.value_or(at::Tensor()));
+  const at::Tensor glse = grad_lse.value_or(at::Tensor()), seg = segment_ids.value_or(at::Tensor());
+  at::Tensor grad_q, grad_k, grad_v;
+  if (tiled_attention_backward() != nullptr &&
+      tiled_attention_backward()(p, grad_out, glse, q, k, v, out, lse, seg, grad_q, grad_k, grad_v)) {
+    return {grad_q, grad_k, grad_v};
+  }
+  return generic::attention_backward(p, grad_out, glse, q, k, v, out, lse, seg);
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_meta(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -211,6 +216,11 @@ std::tuple<at::Tensor, at::Tensor> attention_autograd(const at::Tensor& q, const
 
 tiled_attention_fn*& tiled_attention_forward() {
   static tiled_attention_fn* kernel = nullptr;
+  return kernel;
+}
+
+tiled_attention_backward_fn*& tiled_attention_backward() {
+  static tiled_attention_backward_fn* kernel = nullptr;
   return kernel;
 }
 

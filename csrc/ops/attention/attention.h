@@ -48,6 +48,15 @@ using tiled_attention_fn = bool(const AttentionParams& p, const at::Tensor& q, c
                                 at::Tensor& lse);
 tiled_attention_fn*& tiled_attention_forward();
 
+// The tiled backward (attention_backward.cu, opt-in with the forward), set the same way: the
+// gradients of q, k and v in their dtypes, or false and the generic backward runs.
+using tiled_attention_backward_fn = bool(const AttentionParams& p, const at::Tensor& grad_out,
+                                         const at::Tensor& grad_lse, const at::Tensor& q, const at::Tensor& k,
+                                         const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                                         const at::Tensor& segment_ids, at::Tensor& grad_q, at::Tensor& grad_k,
+                                         at::Tensor& grad_v);
+tiled_attention_backward_fn*& tiled_attention_backward();
+
 }  // namespace bpt::ops
 
 namespace bpt::cpu {

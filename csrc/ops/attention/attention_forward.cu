@@ -4,8 +4,8 @@
 // fragments), not hand-written PTX: simple first.
 //
 // Opt-in (BPT_CUDA_ATTENTION=tiled) until a GPU run has passed tests/python/test_cuda.py with
-// it: by default the ATen blocks of attention_generic.cpp run. The backward is the generic
-// one either way (it needs only q, k, v, out and lse).
+// it: by default the ATen blocks of attention_generic.cpp run. The tiled backward
+// (attention_backward.cu) needs only q, k, v, out and lse, so it follows either forward.
 //
 // One thread block of 4 warps per (64 query rows, query head); warp w owns rows 16w..16w+15.
 // For each 64-key tile that the rows can see (causal: up to the last row's position):
@@ -20,58 +20,14 @@
 #include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <mma.h>
-
-#include <cstdlib>
-#include <cstring>
 
 #include "csrc/ops/attention/attention.h"
+#include "csrc/ops/attention/attention_tiles.cuh"
 
 namespace bpt::ops {
 namespace {
 
-constexpr int kRows = 64;   // query rows per block
-constexpr int kKeys = 64;   // keys per tile
-// Row strides of the score (fp32) and probability (16-bit) tiles, padded past 64 so that the
-// rows the 16 lane pairs of a warp read and write fall in different shared-memory banks (and
-// still multiples of 16 bytes, as WMMA wants).
-constexpr int kScoreStride = kKeys + 4;
-constexpr int kProbStride = kKeys + 8;
-constexpr int kWarps = 4;   // 16 rows each
-constexpr int kThreads = 32 * kWarps;
-
-struct KernelParams {
-  int64_t q_heads, kv_heads, q_len, kv_len, kv_offset;
-  bool causal;
-  float scale;
-};
-
-template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float(float x) { return __float2bfloat16(x); }
-template <>
-__device__ __forceinline__ __half from_float(float x) { return __float2half(x); }
-
-using Accumulator = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>;
-
-// acc (16 x 16) += A B over `slices` 16-wide slices of the inner dimension: A row-major at a
-// (leading dimension lda; slice s starts 16 s columns on), B of layout `BLayout` at b (leading
-// dimension ldb; slice s starts b_step s elements on).
-template <typename T, typename BLayout>
-__device__ __forceinline__ void mma_slices(Accumulator& acc, const T* a, int lda, const T* b, int ldb, int b_step,
-                                           int slices) {
-  namespace wmma = nvcuda::wmma;
-  for (int s = 0; s < slices; ++s) {
-    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a_part;
-    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, BLayout> b_part;
-    wmma::load_matrix_sync(a_part, a + 16 * s, lda);
-    wmma::load_matrix_sync(b_part, b + b_step * s, ldb);
-    wmma::mma_sync(acc, a_part, b_part, acc);
-  }
-}
+using namespace tiles;
 
 template <int D>
 constexpr size_t shared_bytes(size_t element) {
@@ -122,9 +78,8 @@ __global__ void __launch_bounds__(kThreads) attention_forward_tiled(KernelParams
   const int64_t key_end = p.causal && causal_end < p.kv_len ? causal_end : p.kv_len;
   // This lane's row of the warp's 16 (two lanes per row, every other key each).
   const int row = 16 * warp + lane / 2, half = lane % 2;
-  const int64_t query = first_row + row, query_pos = p.kv_offset + query;
-  const bool real_row = query < p.q_len;
-  const int64_t query_doc = segments != nullptr && real_row ? segments[query_pos] : 0;
+  const int64_t query = first_row + row;
+  const int64_t query_doc = query < p.q_len ? document(segments, p.kv_offset + query, p.kv_len) : 0;
 
   for (int64_t first_key = 0; first_key < key_end; first_key += kKeys) {
     for (int i = threadIdx.x; i < kKeys * D; i += kThreads) {
@@ -140,7 +95,8 @@ __global__ void __launch_bounds__(kThreads) attention_forward_tiled(KernelParams
     for (int n = 0; n < kKeys / 16; ++n) {
       Accumulator acc;
       wmma::fill_fragment(acc, 0.0f);
-      mma_slices<T, wmma::col_major>(acc, q_tile + 16 * warp * D, D, k_tile + 16 * n * D, D, 16, D / 16);
+      mma_slices<T, wmma::row_major, wmma::col_major>(acc, q_tile + 16 * warp * D, D, 16, k_tile + 16 * n * D, D, 16,
+                                                      D / 16);
       wmma::store_matrix_sync(s_tile + 16 * warp * kScoreStride + 16 * n, acc, kScoreStride, wmma::mem_row_major);
     }
     __syncwarp();
@@ -150,9 +106,8 @@ __global__ void __launch_bounds__(kThreads) attention_forward_tiled(KernelParams
     float tile_max = -INFINITY;
     for (int c = half; c < kKeys; c += 2) {
       const int64_t key = first_key + c;
-      const bool visible = real_row && key < p.kv_len && (!p.causal || key <= query_pos) &&
-                           (segments == nullptr || segments[key] == query_doc);
-      const float s = visible ? scores[c] * p.scale : -INFINITY;
+      const bool seen = visible(p, query, query_doc, key, document(segments, key, p.kv_len));
+      const float s = seen ? scores[c] * p.scale : -INFINITY;
       scores[c] = s;
       tile_max = fmaxf(tile_max, s);
     }
@@ -186,8 +141,8 @@ __global__ void __launch_bounds__(kThreads) attention_forward_tiled(KernelParams
     for (int n = 0; n < D / 16; ++n) {
       Accumulator acc;
       wmma::load_matrix_sync(acc, o_tile + 16 * warp * D + 16 * n, D, wmma::mem_row_major);
-      mma_slices<T, wmma::row_major>(acc, p_tile + 16 * warp * kProbStride, kProbStride, v_tile + 16 * n, D, 16 * D,
-                                     kKeys / 16);
+      mma_slices<T, wmma::row_major, wmma::row_major>(acc, p_tile + 16 * warp * kProbStride, kProbStride, 16,
+                                                      v_tile + 16 * n, D, 16 * D, kKeys / 16);
       wmma::store_matrix_sync(o_tile + 16 * warp * D + 16 * n, acc, D, wmma::mem_row_major);
     }
     __syncthreads();  // the next tile overwrites K and V
@@ -228,12 +183,8 @@ void launch(const AttentionParams& p, const at::Tensor& q, const at::Tensor& k, 
 // What the tiled kernel covers; false leaves the call to the generic blocks.
 bool tiled_forward(const AttentionParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                    const at::Tensor& segment_ids, at::Tensor& out, at::Tensor& lse) {
-  static const bool enabled = [] {
-    const char* choice = std::getenv("BPT_CUDA_ATTENTION");
-    return choice != nullptr && std::strcmp(choice, "tiled") == 0;
-  }();
   const auto dtype = q.scalar_type();
-  if (!enabled || (dtype != at::kBFloat16 && dtype != at::kHalf) || (p.head_dim != 64 && p.head_dim != 128) ||
+  if (!enabled() || (dtype != at::kBFloat16 && dtype != at::kHalf) || (p.head_dim != 64 && p.head_dim != 128) ||
       p.q_len == 0 || p.batch * p.q_heads == 0 || p.q_heads > 65535 || p.batch > 65535) {
     return false;
   }
