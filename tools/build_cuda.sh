@@ -7,7 +7,8 @@
 # needs none of this.
 #
 # BPT_CUDA_PYTHON=/path/to/python builds against that interpreter's CUDA torch instead (a GPU
-# machine with its own torch and no network); it needs CMake >= 3.26 on the PATH or in it.
+# machine with its own torch and no network; tools/gpu_kit.sh); it needs CMake >= 3.26 on the
+# PATH or in it. BPT_CUDA_BUILD_DIR builds elsewhere than build-cuda/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -n "${BPT_CUDA_PYTHON:-}" ]; then
@@ -39,8 +40,9 @@ echo "build_cuda: torch $("$python" -c 'import torch; print(torch.__version__)')
 extra=()
 command -v ninja >/dev/null && extra+=(-G Ninja)
 [ -e "$site/nvidia/cu13/lib/libnvrtc.so.13" ] && extra+=("-DCUDA_nvrtc_LIBRARY=$site/nvidia/cu13/lib/libnvrtc.so.13")
-"$cmake" -S . -B build-cuda -DCMAKE_BUILD_TYPE=Release -DBPT_CUDA=ON \
+build=${BPT_CUDA_BUILD_DIR:-build-cuda}
+"$cmake" -S . -B "$build" -DCMAKE_BUILD_TYPE=Release -DBPT_CUDA=ON \
   -DCMAKE_PREFIX_PATH="$prefix" -DCMAKE_CUDA_COMPILER="$cuda_home/bin/nvcc" "${extra[@]}" \
   -DBPT_CUDA_INCLUDE_DIRS="$site/nvidia/cu13/include;$site/nvidia/nccl/include"
-"$cmake" --build build-cuda -j "${JOBS:-$(nproc)}"
-echo "build_cuda: ok (build-cuda/)"
+"$cmake" --build "$build" -j "${JOBS:-$(nproc)}"
+echo "build_cuda: ok ($build/)"

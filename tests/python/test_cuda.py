@@ -185,10 +185,12 @@ def test_ternary_linear_against_cpu_kernel(m, n, k):
     packed_gpu, scale_gpu = ops.ternary_pack(weight.cuda())
     assert torch.equal(packed_gpu.cpu(), packed) and torch.equal(scale_gpu.cpu(), scale)
     x = torch.randn(m, k)
-    want = ops.ternary_linear(x, packed, scale, k)
-    got = ops.ternary_linear(x.cuda(), packed_gpu, scale_gpu, k)
-    # int32 sums of the same integer products: equal up to the final fp32 scaling.
-    assert_same(got, want, 1e-6, 1e-5)
+    # Exact int32 sums of the same products, then the same fp32 scaling: the same bits.
+    assert_same_bits(ops.ternary_linear(x.cuda(), packed_gpu, scale_gpu, k), ops.ternary_linear(x, packed, scale, k))
+    with torch.cuda.stream(torch.cuda.Stream()):  # on a stream of its own: the kernels follow it
+        got = ops.ternary_linear(x.cuda(), packed_gpu, scale_gpu, k)
+    torch.cuda.synchronize()
+    assert_same_bits(got, ops.ternary_linear(x, packed, scale, k))
 
 
 def ternary_weight(n, k):
@@ -208,10 +210,12 @@ def assert_same_bits(got, want):
 
 
 # M = 1 runs the GEMV, M >= 2 tiles of 8 tokens plus the rest (2, 4 or 8 wide); K a multiple of
-# 64 reads codes as 16-byte vectors, any other K byte by byte; 4096 + 4 and + 64 end in a
-# partial group of 32 chunks of the activation layout. N = 37: a partial warp and block of rows.
-@pytest.mark.parametrize("k", [1, 3, 4, 15, 16, 17, 63, 64, 100, 4096 + 4, 4096 + 64])
-@pytest.mark.parametrize("m", [1, 2, 7, 8, 9, 33, 100])
+# 64 reads codes as 16-byte vectors, any other K byte by byte; 2048 and 4096 fill whole groups
+# of 32 chunks of the activation layout, 4096 + 4 and + 64 end in a partial one. N = 37: a
+# partial warp and block of rows. M = 3, 10, 11: a 4-wide rest with a padding token, a 2-wide
+# and a 4-wide rest after a full tile.
+@pytest.mark.parametrize("k", [1, 3, 4, 15, 16, 17, 63, 64, 100, 2048, 4096, 4096 + 4, 4096 + 64])
+@pytest.mark.parametrize("m", [1, 2, 3, 7, 8, 9, 10, 11, 33, 100])
 def test_ternary_linear_equals_the_cpu_op_bit_for_bit(m, k):
     cpu, gpu = ternary_weight(37, k)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):

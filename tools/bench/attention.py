@@ -44,7 +44,7 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, Skip, main, measure, measure_cuda  # noqa: E402
+from common import Skip, import_bpt, main, measure, measure_cuda  # noqa: E402
 
 PHASES = ("fwd", "fwdbwd")
 Q_CHUNK = K_CHUNK = 256
@@ -129,20 +129,8 @@ def run_phase(p, phase):
 # --device cuda
 
 
-def import_bpt():
-    """bpt from this checkout (a GPU machine's own Python may have no bpt.pth); a clear exit
-    where its library is missing or built against another torch."""
-    if str(REPO / "python") not in sys.path:
-        sys.path.insert(0, str(REPO / "python"))
-    try:
-        import bpt  # noqa: F401
-    except (ImportError, OSError) as e:
-        sys.exit(f"attention: import bpt failed: {e}\n(on a GPU machine with its own torch: "
-                 "BPT_CUDA_PYTHON=python3 make build-cuda)")
-
-
 def cuda_cases(args):
-    import_bpt()  # here, once, rather than a failure in every case
+    import_bpt("attention")  # here, once, rather than a failure in every case
     lengths = [1024, 2048] if args.quick else args.t or [2048, 4096, 8192, 16384, 32768]
     return [
         {"device": "cuda", "T": T, "Hq": CUDA_HEADS, "Hkv": hkv, "causal": True, "dtype": "bfloat16",
@@ -178,7 +166,7 @@ def run_cuda_phase(p, phase):
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    import_bpt()
+    import_bpt("attention")
     impl, T, Hq, Hkv, D, chunk = p["impl"], p["T"], p["Hq"], p["Hkv"], CUDA_D, p["chunk"]
     if (os.environ.get("BPT_CUDA_ATTENTION") == "tiled") != impl.startswith("bpt-tiled"):
         raise RuntimeError(f"{impl} ran with BPT_CUDA_ATTENTION={os.environ.get('BPT_CUDA_ATTENTION')}")

@@ -22,7 +22,7 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, main, measure, measure_cuda  # noqa: E402
+from common import import_bpt, main, measure, measure_cuda  # noqa: E402
 
 PHASES = ("fwd",)
 IMPLS = ("ternary", "torch", "torch-bf16")
@@ -36,7 +36,7 @@ def add_args(parser):
 def cases(args):
     shapes = [(4096, 4096)] if args.quick else [(4096, 4096), (11008, 4096), (4096, 11008)]
     if args.device == "cuda":
-        import_bpt()  # here, once, rather than a failure in every case
+        import_bpt("bitlinear")  # here, once, rather than a failure in every case
         tokens = [1, 16] if args.quick else [1, 4, 16]
         return [{"device": "cuda", "N": N, "K": K, "M": M, "impl": impl}
                 for N, K in shapes for M in tokens for impl in CUDA_IMPLS]
@@ -81,23 +81,11 @@ def run_phase(p, phase):
 # --device cuda
 
 
-def import_bpt():
-    """bpt from this checkout (a GPU machine's own Python may have no bpt.pth); a clear exit
-    where its library is missing or built against another torch."""
-    if str(REPO / "python") not in sys.path:
-        sys.path.insert(0, str(REPO / "python"))
-    try:
-        import bpt  # noqa: F401
-    except (ImportError, OSError) as e:
-        sys.exit(f"bitlinear: import bpt failed: {e}\n(on a GPU machine with its own torch: "
-                 "BPT_CUDA_PYTHON=python3 make build-cuda)")
-
-
 def run_cuda_phase(p):
     import torch
     import torch.nn.functional as F
 
-    import_bpt()
+    import_bpt("bitlinear")
     N, K, M, impl = p["N"], p["K"], p["M"], p["impl"]
     w = torch.randn(N, K, device="cuda") / K**0.5
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)

@@ -126,6 +126,18 @@ def require_cuda(bench: str) -> None:
     sys.exit(f"{bench}: --device cuda needs a GPU and a CUDA build of torch; {why}")
 
 
+def import_bpt(bench: str):
+    """bpt from this checkout (a GPU machine's own Python may have no bpt.pth); a clear exit
+    naming the benchmark where its library is missing or built against another torch."""
+    if str(REPO / "python") not in sys.path:
+        sys.path.insert(0, str(REPO / "python"))
+    try:
+        import bpt  # noqa: F401
+    except (ImportError, OSError) as e:
+        sys.exit(f"{bench}: import bpt failed: {e}\n(on a GPU machine with its own torch: "
+                 "BPT_CUDA_PYTHON=python3 make build-cuda)")
+
+
 def gpu_memory_used_mb():
     """nvidia-smi's memory.used summed over the GPUs, in MiB; None without nvidia-smi. Read from
     outside the process that uses the GPU, whose torch counters cannot be read from there."""

@@ -257,14 +257,9 @@ bool tiled_backward(const AttentionParams& p, const at::Tensor& grad_out, const 
   const at::Tensor grad_q_sum = at::zeros({p.batch, p.q_heads, p.q_len, p.head_dim}, q.options().dtype(at::kFloat));
   grad_k = at::empty({p.batch, p.kv_heads, p.kv_len, p.head_dim}, k.options());
   grad_v = at::empty({p.batch, p.kv_heads, p.kv_len, p.head_dim}, v.options());
-  if (dtype == at::kBFloat16) {
-    p.head_dim == 64
-        ? launch<__nv_bfloat16, 64>(p, qc, kc, vc, doc, outc, glse, lsec, seg, grad_q_sum, grad_k, grad_v)
-        : launch<__nv_bfloat16, 128>(p, qc, kc, vc, doc, outc, glse, lsec, seg, grad_q_sum, grad_k, grad_v);
-  } else {
-    p.head_dim == 64 ? launch<__half, 64>(p, qc, kc, vc, doc, outc, glse, lsec, seg, grad_q_sum, grad_k, grad_v)
-                     : launch<__half, 128>(p, qc, kc, vc, doc, outc, glse, lsec, seg, grad_q_sum, grad_k, grad_v);
-  }
+  dispatch_tiles(dtype, p.head_dim, [&](auto element, auto dim) {
+    launch<decltype(element), dim()>(p, qc, kc, vc, doc, outc, glse, lsec, seg, grad_q_sum, grad_k, grad_v);
+  });
   grad_q = grad_q_sum.to(dtype);
   return true;
 }

@@ -198,13 +198,9 @@ bool tiled_forward(const AttentionParams& p, const at::Tensor& q, const at::Tens
   const at::Tensor seg = p.has_segments ? segment_ids.to(at::kLong).contiguous() : at::Tensor();
   out = at::empty_like(qc);
   lse = at::empty({p.batch, p.q_heads, p.q_len}, q.options().dtype(at::kFloat));
-  if (dtype == at::kBFloat16) {
-    p.head_dim == 64 ? launch<__nv_bfloat16, 64>(p, qc, kc, vc, seg, out, lse)
-                     : launch<__nv_bfloat16, 128>(p, qc, kc, vc, seg, out, lse);
-  } else {
-    p.head_dim == 64 ? launch<__half, 64>(p, qc, kc, vc, seg, out, lse)
-                     : launch<__half, 128>(p, qc, kc, vc, seg, out, lse);
-  }
+  dispatch_tiles(dtype, p.head_dim, [&](auto element, auto dim) {
+    launch<decltype(element), dim()>(p, qc, kc, vc, seg, out, lse);
+  });
   return true;
 }
 

@@ -4,6 +4,7 @@
 // opt-in switch. Both kernels cover bf16/fp16 inputs with head dims 64 and 128 on sm_80 and
 // later, and leave anything else to the generic ATen blocks of attention_generic.cpp.
 
+#include <c10/core/ScalarType.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <mma.h>
@@ -11,6 +12,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 namespace bpt::ops::tiles {
 
@@ -67,6 +69,24 @@ __device__ __forceinline__ int64_t document(const int64_t* segments, int64_t pos
 __device__ __forceinline__ bool visible(const KernelParams& p, int64_t query, int64_t query_doc, int64_t key,
                                         int64_t key_doc) {
   return query < p.q_len && key < p.kv_len && (!p.causal || key <= p.kv_offset + query) && query_doc == key_doc;
+}
+
+// Calls launch(T{}, std::integral_constant<int, D>{}) with the tile kernels' element type T for
+// dtype (bf16, else fp16) and D for head_dim (64, else 128): the four instantiations.
+template <typename Launch>
+void dispatch_tiles(c10::ScalarType dtype, int64_t head_dim, Launch&& launch) {
+  const auto with_dim = [&](auto element) {
+    if (head_dim == 64) {
+      launch(element, std::integral_constant<int, 64>{});
+    } else {
+      launch(element, std::integral_constant<int, 128>{});
+    }
+  };
+  if (dtype == c10::ScalarType::BFloat16) {
+    with_dim(__nv_bfloat16{});
+  } else {
+    with_dim(__half{});
+  }
 }
 
 // BPT_CUDA_ATTENTION=tiled, read once per process: the tiled kernels are opt-in until a GPU
