@@ -8,7 +8,8 @@
 #
 # BPT_CUDA_PYTHON=/path/to/python builds against that interpreter's CUDA torch instead (a GPU
 # machine with its own torch and no network; tools/gpu_kit.sh); it needs CMake >= 3.26 on the
-# PATH or in it. BPT_CUDA_BUILD_DIR builds elsewhere than build-cuda/.
+# PATH or in it. BPT_CUDA_BUILD_DIR builds elsewhere than build-cuda/ (a check of the build
+# alone: `import bpt`, the tests and the benchmarks look in build-cuda/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -n "${BPT_CUDA_PYTHON:-}" ]; then

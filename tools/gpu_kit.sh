@@ -4,7 +4,8 @@
 #
 #   tools/gpu_kit.sh prepare       on a Debian machine with apt and a network: downloads those
 #                                  packages and unpacks them into .gpu-kit/root (git ignores it;
-#                                  copy it to the GPU machine with the checkout, ~20 MB)
+#                                  copy it to the GPU machine with the checkout, about 8 MB;
+#                                  Debian 12 amd64 packages, for an x86-64 machine)
 #   tools/gpu_kit.sh build         there: builds build-cuda/ against python3's torch, with the
 #                                  kit's headers and libraries (BPT_CUDA_PYTHON, tools/build_cuda.sh)
 #   tools/gpu_kit.sh test OUT      there: the `cuda` tests, a GPU required (BPT_REQUIRE_CUDA=1);
@@ -15,7 +16,18 @@
 #                                  logs into OUT. BENCH_ARGS adds arguments (say --quick)
 #
 # Each step is one command, so a GPU lent for a short time goes to the steps, not to set-up.
+# OUT may be relative to the directory the script is called from.
 set -euo pipefail
+BENCHES=(attention train max_seq bitlinear)
+usage() {
+  sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//' >&2
+  exit 2
+}
+out=""
+if [[ "${1:-}" == test || "${1:-}" == bench ]]; then
+  [ $# -ge 2 ] || usage
+  out=$(realpath -m -- "$2")
+fi
 cd "$(dirname "$0")/.."
 KIT=$PWD/.gpu-kit
 ROOT=$KIT/root
@@ -23,11 +35,6 @@ ROOT=$KIT/root
 # nlohmann-json and the Gloo headers; pkg-config itself.
 DEBS=(catch2 libsentencepiece-dev libsentencepiece0 libcli11-dev libtomlplusplus-dev libtomlplusplus3
       nlohmann-json3-dev libgloo-dev pkgconf pkgconf-bin libpkgconf3)
-
-usage() {
-  sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//' >&2
-  exit 2
-}
 
 # The kit's files ahead of the system's, for CMake, the compiler, the linker and pkg-config.
 use_kit() {
@@ -45,12 +52,15 @@ use_kit() {
 }
 
 case "${1:-}" in
-  prepare)
+  prepare)  # into a new folder, swapped in only when every package unpacked
+    new=$(mktemp -d "$PWD/.gpu-kit-new.XXXXXX")
+    trap 'rm -rf "$new"' EXIT
+    mkdir -p "$new/debs" "$new/root"
+    (cd "$new/debs" && apt-get download "${DEBS[@]}")
+    for deb in "$new"/debs/*.deb; do dpkg -x "$deb" "$new/root"; done
+    rm -rf "$new/debs" "$new/root/usr/share/doc" "$new/root/usr/share/man"
     rm -rf "$KIT"
-    mkdir -p "$KIT/debs" "$ROOT"
-    (cd "$KIT/debs" && apt-get download "${DEBS[@]}")
-    for deb in "$KIT"/debs/*.deb; do dpkg -x "$deb" "$ROOT"; done
-    rm -rf "$KIT/debs" "$ROOT/usr/share/doc" "$ROOT/usr/share/man"
+    mv "$new" "$KIT"
     echo "gpu_kit: $(du -sh "$ROOT" | cut -f1) in $ROOT"
     ;;
   build)
@@ -58,28 +68,25 @@ case "${1:-}" in
     BPT_CUDA_PYTHON=${BPT_CUDA_PYTHON:-python3} tools/build_cuda.sh
     ;;
   test)
-    [ $# -ge 2 ] || usage
     use_kit
-    mkdir -p "$2"
-    python=${BPT_CUDA_PYTHON:-python3}
-    set -o pipefail
-    BPT_REQUIRE_CUDA=1 PYTHONPATH=$PWD/python "$python" -m pytest -m cuda tests/python/test_cuda.py -v \
-      --junitxml="$2/cuda_tests.xml" 2>&1 | tee "$2/cuda_tests.log"
+    mkdir -p "$out"
+    BPT_REQUIRE_CUDA=1 PYTHONPATH=$PWD/python${PYTHONPATH:+:$PYTHONPATH} "${BPT_CUDA_PYTHON:-python3}" -m pytest \
+      -m cuda tests/python/test_cuda.py -v --junitxml="$out/cuda_tests.xml" 2>&1 | tee "$out/cuda_tests.log"
     ;;
   bench)
-    [ $# -ge 2 ] || usage
-    use_kit
-    out=$2
     shift 2
-    mkdir -p "$out"
-    python=${BPT_CUDA_PYTHON:-python3}
     names=("$@")
-    ((${#names[@]})) || names=(attention train max_seq bitlinear)
+    ((${#names[@]})) || names=("${BENCHES[@]}")
+    for bench in "${names[@]}"; do
+      [[ " ${BENCHES[*]} " == *" $bench "* ]] || { echo "gpu_kit: no GPU benchmark '$bench' (${BENCHES[*]})" >&2; exit 2; }
+    done
+    use_kit
+    mkdir -p "$out"
     status=0
     for bench in "${names[@]}"; do
       # shellcheck disable=SC2086  # BENCH_ARGS is a list of arguments
-      PYTHONPATH=$PWD/python "$python" "tools/bench/$bench.py" --device cuda --out "$out/${bench}_cuda.json" \
-        ${BENCH_ARGS:-} 2>&1 | tee "$out/${bench}_cuda.log" || status=1
+      PYTHONPATH=$PWD/python${PYTHONPATH:+:$PYTHONPATH} "${BPT_CUDA_PYTHON:-python3}" "tools/bench/$bench.py" \
+        --device cuda --out "$out/${bench}_cuda.json" ${BENCH_ARGS:-} 2>&1 | tee "$out/${bench}_cuda.log" || status=1
     done
     exit $status
     ;;

@@ -37,6 +37,12 @@ void reset_device_memory_peaks(c10::Device device) {
   if (allocator->initialized()) allocator->resetPeakStats(device.index());
 }
 
+void release_cached_device_memory(c10::Device device) {
+  if (device.is_cpu()) return;
+  c10::DeviceAllocator* allocator = c10::getDeviceAllocator(device.type());
+  if (allocator->initialized()) allocator->emptyCache();
+}
+
 MetricsLog::MetricsLog(const std::string& output_dir, const std::string& progress, int64_t total_steps, bool enabled)
     : bar_(progress == "always" || (progress == "auto" && ::isatty(::fileno(stdout)))),
       total_steps_(total_steps),
@@ -99,8 +105,8 @@ void MetricsLog::log(const nlohmann::json& record, double eta_s) {
                                  record["loss"].get<double>(), record["lr"].get<double>(),
                                  record["tokens_per_s"].get<double>());
   if (record.contains("mfu")) line += fmt::format("  MFU {:.1f}%", 100 * record["mfu"].get<double>());
-  if (record.contains("gpu_peak_memory_mb")) {
-    line += fmt::format("  GPU {:.2f} GiB", record["gpu_peak_memory_mb"].get<double>() / 1024);
+  if (record.contains("gpu_peak_allocated_mb")) {
+    line += fmt::format("  GPU {:.2f} GiB", record["gpu_peak_allocated_mb"].get<double>() / 1024);
   }
   line += fmt::format("  ETA {}", duration(eta_s));
   if (bar_) {

@@ -57,5 +57,8 @@ struct DeviceMemoryPeaks {
 std::optional<DeviceMemoryPeaks> device_memory_peaks(c10::Device device);
 // The peaks come down to what is held now, starting the next window; nothing for the CPU.
 void reset_device_memory_peaks(c10::Device device);
+// The caching allocator gives its free blocks back to the device (torch.cuda.empty_cache), so
+// that the reserved peak starts from what tensors hold; nothing for the CPU.
+void release_cached_device_memory(c10::Device device);
 
 }  // namespace bpt::train

@@ -54,11 +54,27 @@ nlohmann::json rng_state(const at::Generator& generator) {
   return std::vector<uint8_t>(state.data_ptr<uint8_t>(), state.data_ptr<uint8_t>() + state.numel());
 }
 
-void restore_rng(at::Generator generator, const nlohmann::json& bytes) {
-  const auto values = bytes.get<std::vector<uint8_t>>();
-  at::Tensor state = at::empty({static_cast<int64_t>(values.size())}, at::kByte);
-  std::copy(values.begin(), values.end(), state.data_ptr<uint8_t>());
-  generator.set_state(state);  // checks the size for its kind of generator
+// Restores `field` of trainer_state.json (in dir) into generator; a value that is not its
+// state (not bytes, the wrong size for its kind of generator) exits 2 naming the field.
+void restore_rng(at::Generator generator, const nlohmann::json& state_json, const char* field,
+                 const std::string& dir) {
+  const nlohmann::json& bytes = state_json[field];
+  const at::Tensor expected = generator.get_state();
+  const auto fail = [&](const char* why) {
+    throw_input_error("{}/trainer_state.json: field '{}' must be the {}-byte state of the {} default generator, "
+                      "got {} ({})", dir, field, expected.numel(), generator.device().str(),
+                      bytes.is_array() ? fmt::format("{} bytes", bytes.size()) : std::string(bytes.type_name()), why);
+  };
+  try {
+    const auto values = bytes.get<std::vector<uint8_t>>();
+    at::Tensor state = at::empty({static_cast<int64_t>(values.size())}, at::kByte);
+    std::copy(values.begin(), values.end(), state.data_ptr<uint8_t>());
+    generator.set_state(state);  // checks the size for its kind of generator
+  } catch (const c10::Error& e) {
+    fail(e.what_without_backtrace());
+  } catch (const nlohmann::json::exception& e) {
+    fail(e.what());
+  }
 }
 
 }  // namespace
@@ -153,19 +169,17 @@ FitResult Trainer::fit(TrainModule& module, data::DataLoader& train, data::DataL
     }
     try {
       train.restore(resumed["dataset"]);
-      if (resumed.contains("rng")) restore_rng(at::detail::getDefaultCPUGenerator(), resumed["rng"]);
+      if (resumed.contains("rng")) restore_rng(at::detail::getDefaultCPUGenerator(), resumed, "rng", resume_from);
       // A checkpoint without gpu_rng (a CPU run's, or an older one) leaves the GPU's generator
       // where the run's start put it (bpt-train: --seed).
       if (resumed.contains("gpu_rng") && device.is_cuda()) {
-        restore_rng(at::globalContext().defaultGenerator(device), resumed["gpu_rng"]);
+        restore_rng(at::globalContext().defaultGenerator(device), resumed, "gpu_rng", resume_from);
       } else if (resumed.contains("gpu_rng")) {
         metrics.note(fmt::format("{}: GPU random state (gpu_rng) ignored: this run is on the {}", resume_from,
                                  device.str()));
       }
     } catch (const nlohmann::json::exception& e) {
       throw_input_error("{}/trainer_state.json: {}", resume_from, e.what());
-    } catch (const c10::Error& e) {
-      throw_input_error("{}/trainer_state.json: {}", resume_from, e.what_without_backtrace());
     }
     metrics.drop_after(result.steps);  // lines a crashed run logged past its last checkpoint
     metrics.note(fmt::format("resumed from {} at step {}", resume_from, result.steps));
@@ -201,7 +215,9 @@ FitResult Trainer::fit(TrainModule& module, data::DataLoader& train, data::DataL
   std::map<std::string, double> window_metrics;
   const double state_mb = static_cast<double>(module.held_bytes() + optimizer.state_bytes()) / 1e6;
   int64_t window_comm_start = module.communicated_bytes();
-  // GPU memory peaks per log window, as torchtitan's: not counting the peak-FLOP/s matmul.
+  // GPU memory peaks per log window, as torchtitan's: not counting the peak-FLOP/s matmul,
+  // whose blocks the cache gives back first.
+  release_cached_device_memory(device);
   reset_device_memory_peaks(device);
   // Every rank stops at the same step: a signal reaching one rank is shared in an all-reduce.
   const auto should_stop = [&] { return world_.sum({stop_requested ? 1.0 : 0.0})[0] > 0; };
@@ -250,7 +266,7 @@ FitResult Trainer::fit(TrainModule& module, data::DataLoader& train, data::DataL
                                {"time_s", seconds_since(run_start)}};
       if (flops_per_token > 0 && peak_flops > 0) record["mfu"] = flops_per_token * tokens_per_s / peak_flops;
       if (const auto gpu = device_memory_peaks(device)) {  // this rank's GPU
-        record["gpu_peak_memory_mb"] = gpu->allocated_mb;
+        record["gpu_peak_allocated_mb"] = gpu->allocated_mb;
         record["gpu_peak_reserved_mb"] = gpu->reserved_mb;
         reset_device_memory_peaks(device);
       }

@@ -151,7 +151,7 @@ def test_no_gradient():
     [
         ({"in_features": 13}, r"packed.size\(1\) must be 4"),
         ({"in_features": 9}, r"x.size\(-1\) must be 9"),
-        ({"in_features": 2**24}, r"in_features must be < 2\^24 = 16777216, got 16777216 \(the int32 sums"),
+        ({"in_features": 2**23}, r"in_features must be < 2\^23 = 8388608, got 8388608 \(the int32 sums"),
         ({"packed": torch.zeros(6, 3, dtype=torch.int8)}, "packed must be uint8"),
         ({"packed": torch.zeros(18, dtype=torch.uint8)}, r"packed must be \[N, ceil\(in_features / 4\)\]"),
         ({"scale": torch.ones(2)}, "scale must hold one value"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -133,6 +134,12 @@ def test_lora_dropout_resumes_exactly_and_a_gpu_random_state_is_ignored(tmp_path
     assert losses(tmp_path / "reseeded")[4:] != pytest.approx(losses(tmp_path / "straight")[4:], abs=1e-4)
     records = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     assert records and not any(key.startswith("gpu_") for r in records for key in r)
+    # A random state that is not the generator's: exit 2, naming the file, the field and the size.
+    edit_state("straight", lambda s: {**s, "rng": [1, 2, 3]})
+    bad = run_app("train", *json_run(corpus, tmp_path / "straight", "--total_steps=9", *lora, "--autoresume"))
+    assert bad.returncode == 2, bad.stderr
+    assert re.search(r"straight/checkpoint/trainer_state.json: field 'rng' must be the \d+-byte state of the cpu "
+                     r"default generator, got 3 bytes", bad.stderr), bad.stderr
 
 
 def test_every_evaluation_reads_the_same_batches(tmp_path, corpus):

@@ -33,8 +33,9 @@ so forward+backward 3.5 times; packed cases count the work of their two document
 Every time and peak is also given against the fastest SDPA backend of the case and phase
 (<phase>_time_vs_best_sdpa, <phase>_peak_vs_best_sdpa; <phase>_best_sdpa names it). bpt's
 forward is checked against SDPA on the same inputs (max_abs_err, packed: each document alone),
-and bpt-tiled's profiled for its kernel (tiled_kernel_ran; false: the op fell back to the
-generic blocks, and the run says so).
+and bpt-tiled's profiled for its kernels (<phase>_tiled_kernel_ran: the tiled forward, and for
+fwdbwd the tiled backward too; false: the op fell back to the generic blocks, and the run
+says so).
 """
 
 import math
@@ -225,7 +226,7 @@ def run_cuda_phase(p, phase):
     if phase == "fwd" and impl not in backends:
         extra["max_abs_err"] = forward_error(bpt_attention, inputs[:3], segment_ids is not None)
     if impl.startswith("bpt-tiled"):
-        extra["tiled_kernel_ran"] = tiled_kernel_ran(step, inputs, train)
+        extra[f"{phase}_tiled_kernel_ran"] = tiled_kernel_ran(step, inputs, train)
     return ms, peak, extra
 
 
@@ -294,7 +295,8 @@ def compare(records):
                 twin = ran.get(impl.removesuffix("-packed"))
                 if impl.endswith("-packed") and twin:
                     r[f"{phase}_time_vs_unpacked"] = r[ms] / twin[ms]
-    untiled = [r["params"]["T"] for r in records if r.get("tiled_kernel_ran") is False]
+    untiled = sorted({r["params"]["T"] for r in records for phase in PHASES
+                      if r.get(f"{phase}_tiled_kernel_ran") is False})
     if untiled:
         print(f"attention: bpt-tiled ran the generic blocks, not the tiled kernels, at T = {untiled}: its rows "
               "are the generic path's")

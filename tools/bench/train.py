@@ -21,7 +21,7 @@ bf16 (fp32 master weights), chunks as above: bpt (everything_saveable) and bpt-r
 bpt-train's own (model FLOPs per token: 6 per matmul weight plus 12 L H d T for attention, the
 causal mask not halving it) against --peak_flops 989e12 (H100 SXM bf16 dense). step_peak_mb
 stays bpt-train's host VmHWM; gpu_peak_allocated_mb and gpu_peak_reserved_mb are the largest of
-bpt-train's own per-window GPU peaks (its metrics' gpu_peak_memory_mb and gpu_peak_reserved_mb:
+bpt-train's own per-window GPU peaks (its metrics' gpu_peak_allocated_mb and gpu_peak_reserved_mb:
 torch.cuda.max_memory_allocated and max_memory_reserved, in MiB) over the timed steps, the
 warm-up's first allocations left out.
 """
@@ -113,7 +113,7 @@ def run_bpt(p):
     if not gpu:
         return ms, max(r["peak_memory_mb"] for r in records)
     extra = {"mfu": statistics.median(r["mfu"] for r in timed) if all("mfu" in r for r in timed) else None,
-             "gpu_peak_allocated_mb": max(r["gpu_peak_memory_mb"] for r in timed),
+             "gpu_peak_allocated_mb": max(r["gpu_peak_allocated_mb"] for r in timed),
              "gpu_peak_reserved_mb": max(r["gpu_peak_reserved_mb"] for r in timed)}
     return ms, max(r["peak_memory_mb"] for r in records), extra
 

@@ -3,7 +3,9 @@
 // (causal with kv_offset, GQA by index, segment ids, lse's own gradient). It needs only q, k,
 // v, out and lse (through delta), so it follows the tiled forward or the generic one.
 // Opt-in with the forward (BPT_CUDA_ATTENTION=tiled, attention_tiles.cuh) until a GPU run has
-// passed tests/python/test_cuda.py with it.
+// passed tests/python/test_cuda.py with it. A file of its own beside attention_forward.cu, the
+// two sharing attention_tiles.cuh: nvcc compiles each for two architectures, and two files
+// build in parallel.
 //
 // One thread block of 4 warps per (64 keys, kv head); warp w owns keys 16w..16w+15. The block
 // loops over the query heads that share its kv head and, for each, over the 64-row query tiles

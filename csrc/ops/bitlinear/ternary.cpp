@@ -40,8 +40,9 @@ void check_ternary_linear_args(const at::Tensor& x, const at::Tensor& packed, co
   TORCH_SYM_CHECK(scale.sym_numel().sym_eq(1), kLinear,
                   ": scale must hold one value (ternary_pack's scale), got shape ", scale.sym_sizes());
   TORCH_CHECK(in_features >= 0, kLinear, ": in_features must be >= 0, got ", in_features);
-  // The int32 sum of in_features products of at most 127 must not overflow.
-  TORCH_CHECK(in_features < (int64_t{1} << 24), kLinear, ": in_features must be < 2^24 = 16777216, got ",
+  // Int32 sums of in_features products must not overflow, on every device: the CUDA kernel sums
+  // (code + 1) x, up to 254 a term, before it takes the activations' sum off.
+  TORCH_CHECK(in_features < (int64_t{1} << 23), kLinear, ": in_features must be < 2^23 = 8388608, got ",
               in_features, " (the int32 sums of int8 x ternary products would overflow)");
   check_size(kLinear, "packed.size(1)", packed.sym_size(1), c10::SymInt((in_features + 3) / 4),
              "ceil(in_features / 4)");

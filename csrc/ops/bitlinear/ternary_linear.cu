@@ -8,7 +8,9 @@
 //
 // The float operations are spelled with __fmul_rn / __fdiv_rn so that FMA contraction and fast
 // math's approximate division change no rounding: the outputs equal the CPU op's bit for bit
-// (NaN payloads aside; -ftz would still flush a subnormal, which only a tiny scale makes). The sums are exact int32, so their order does not matter.
+// (NaN payloads aside; -ftz would still flush a subnormal, which only a tiny scale makes). The
+// int32 sums are exact (in_features < 2^23 keeps even the biased sums below 2^31), so their
+// order does not matter.
 //
 // ternary_gemm, one kernel template in two shapes: a warp owns 4 output rows and kTokens
 // tokens (32 int32 sums at most) over the whole of K, with no shared memory and no block sync.
@@ -23,8 +25,9 @@
 //   already: 3 blocks of 4 warps per SM).
 //   Larger M runs the same kernel over tiles of 8, blockIdx.y walking them (a grid row of 65535
 //   tiles at most; blocks loop past that). Its time grows with M while a bf16 cuBLAS matmul of
-//   the dense weight stays memory bound, so past about 32 tokens (prefill) that is faster: an
-//   int8 tensor-core (mma.s8) GEMM would be the path there, and is not written.
+//   the dense weight stays memory bound, so past about 32 tokens (prefill) that should be
+//   faster (an estimate, not measured): an int8 tensor-core (mma.s8) GEMM would be the path
+//   there, and is not written.
 // Lane l reads 16 bytes of each row's codes (64 weights, one "chunk") at chunks l, l + 32, ...,
 // so a warp's load covers 512 contiguous bytes. The words are not decoded to -1/0/+1: a code
 // word masked as (w >> 2s) & 0x03030303 gives four codes w_q + 1 in 0..2, which __dp4a
@@ -300,10 +303,11 @@ at::Tensor ternary_linear_cuda(const at::Tensor& x, const at::Tensor& packed, co
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t K = in_features, N = packed.size(0), row_bytes = packed.size(1);
   const int64_t M = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
-  // (in_features < 2^24, checked above, keeps 16 x chunks, the quantize loop's int, far from
+  // (in_features < 2^23, checked above, keeps 16 x chunks, the quantize loop's int, far from
   // overflow.)
-  TORCH_CHECK(M <= INT_MAX && N <= int64_t{INT_MAX} * kGemmWarps * kRowsPerWarp,
-              "bpt::ternary_linear: too many tokens (", M, ") or rows (", N, ") for the CUDA grid");
+  constexpr int64_t kMaxRows = int64_t{INT_MAX} * kGemmWarps * kRowsPerWarp;
+  TORCH_CHECK(M <= INT_MAX && N <= kMaxRows, "bpt::ternary_linear: on CUDA, x must hold at most ", INT_MAX,
+              " tokens and packed at most ", kMaxRows, " rows; got ", M, " tokens and ", N, " rows");
   const int chunks = static_cast<int>((row_bytes + kChunkBytes - 1) / kChunkBytes);
   std::vector<int64_t> out_sizes(x.sizes().begin(), x.sizes().end() - 1);
   out_sizes.push_back(N);
