@@ -1,18 +1,27 @@
 #pragma once
-// What the tiled tensor-core attention kernels share (attention_forward.cu,
-// attention_backward.cu): tile sizes, the WMMA product of tile slices, conversions, and the
+// What the tiled tensor-core attention kernels share (attention_forward.cuh,
+// attention_backward.cuh): tile sizes, the WMMA product of tile slices, conversions, and the
 // opt-in switch. Both kernels cover bf16/fp16 inputs with head dims 64 and 128 on sm_80 and
 // later, and leave anything else to the generic ATen blocks of attention_generic.cpp.
 
 #include <c10/core/ScalarType.h>
+#ifndef BPT_CUDA_EMULATION  // tests/cpp/cuda_emulation.h stands in for these on the CPU
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <mma.h>
+#endif
 
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <type_traits>
+
+// A kernel's dynamic shared memory, as `unsigned char name[]` (32-byte aligned for WMMA).
+#ifdef BPT_CUDA_EMULATION
+#define BPT_DYNAMIC_SHARED(name) unsigned char* name = ::bpt::emulation::dynamic_shared()
+#else
+#define BPT_DYNAMIC_SHARED(name) extern __shared__ __align__(32) unsigned char name[]
+#endif
 
 namespace bpt::ops::tiles {
 
