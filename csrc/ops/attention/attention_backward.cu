@@ -80,6 +80,7 @@ bool tiled_backward(const AttentionParams& p, const at::Tensor& grad_out, const 
   if (device->major < 8 || device->sharedMemPerBlockOptin < needed) return false;
   const at::Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
   const at::Tensor doc = grad_out.contiguous(), outc = out.contiguous();
+  if (!aligned_for_tiles(qc, kc, vc, doc)) return false;
   const at::Tensor glse = grad_lse.defined() ? grad_lse.to(at::kFloat).contiguous() : at::Tensor();
   const at::Tensor lsec = lse.to(at::kFloat).contiguous();
   const at::Tensor seg = p.has_segments ? segment_ids.to(at::kLong).contiguous() : at::Tensor();

@@ -71,12 +71,8 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t group = p.q_heads / p.kv_heads;
   const int64_t* segments = segment_ids == nullptr ? nullptr : segment_ids + b * p.kv_len;
 
-  for (int i = threadIdx.x; i < kKeys * D; i += kThreads) {
-    const int64_t key = first_key + i / D;
-    const bool real = key < p.kv_len;
-    k_tile[i] = real ? k[(kv_head * p.kv_len + key) * D + i % D] : from_float<T>(0.0f);
-    v_tile[i] = real ? v[(kv_head * p.kv_len + key) * D + i % D] : from_float<T>(0.0f);
-  }
+  load_tile<kKeys, D>(k_tile, k + kv_head * p.kv_len * D, first_key, p.kv_len);
+  load_tile<kKeys, D>(v_tile, v + kv_head * p.kv_len * D, first_key, p.kv_len);
 
   Accumulator grad_k_acc[D / 16], grad_v_acc[D / 16];  // unrolled loops keep these in registers
 #pragma unroll
@@ -97,12 +93,8 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t head = (b * p.kv_heads + blockIdx.y) * group + g;
     for (int64_t first_row = first_query / kRows * kRows; first_row < p.q_len; first_row += kRows) {
       __syncthreads();  // the previous tile's readers of Q, dO and dS^T are done
-      for (int i = threadIdx.x; i < kRows * D; i += kThreads) {
-        const int64_t row = first_row + i / D;
-        const bool real = row < p.q_len;
-        q_tile[i] = real ? q[(head * p.q_len + row) * D + i % D] : from_float<T>(0.0f);
-        do_tile[i] = real ? grad_out[(head * p.q_len + row) * D + i % D] : from_float<T>(0.0f);
-      }
+      load_tile<kRows, D>(q_tile, q + head * p.q_len * D, first_row, p.q_len);
+      load_tile<kRows, D>(do_tile, grad_out + head * p.q_len * D, first_row, p.q_len);
       for (int i = threadIdx.x; i < kRows; i += kThreads) {
         const int64_t row = first_row + i;
         row_lse[i] = row < p.q_len ? lse[head * p.q_len + row] : 0.0f;

@@ -61,6 +61,7 @@ bool tiled_forward(const AttentionParams& p, const at::Tensor& q, const at::Tens
   const size_t needed = p.head_dim == 64 ? forward_shared_bytes<64>(2) : forward_shared_bytes<128>(2);
   if (device->major < 8 || device->sharedMemPerBlockOptin < needed) return false;
   const at::Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
+  if (!aligned_for_tiles(qc, kc, vc)) return false;
   const at::Tensor seg = p.has_segments ? segment_ids.to(at::kLong).contiguous() : at::Tensor();
   out = at::empty_like(qc);
   lse = at::empty({p.batch, p.q_heads, p.q_len}, q.options().dtype(at::kFloat));

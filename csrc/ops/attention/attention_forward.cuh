@@ -43,11 +43,8 @@ __global__ void __launch_bounds__(kThreads) attention_forward_tiled(KernelParams
   const int64_t* segments = segment_ids == nullptr ? nullptr : segment_ids + b * p.kv_len;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 
-  for (int i = threadIdx.x; i < kRows * D; i += kThreads) {
-    const int64_t row = first_row + i / D;
-    q_tile[i] = row < p.q_len ? q_head[row * D + i % D] : from_float<T>(0.0f);
-    o_tile[i] = 0.0f;
-  }
+  load_tile<kRows, D>(q_tile, q_head, first_row, p.q_len);
+  for (int i = threadIdx.x; i < kRows * D; i += kThreads) o_tile[i] = 0.0f;
   for (int i = threadIdx.x; i < kRows; i += kThreads) {
     row_max[i] = -INFINITY;
     row_sum[i] = 0.0f;
@@ -63,12 +60,8 @@ __global__ void __launch_bounds__(kThreads) attention_forward_tiled(KernelParams
   const int64_t query_doc = query < p.q_len ? document(segments, p.kv_offset + query, p.kv_len) : 0;
 
   for (int64_t first_key = 0; first_key < key_end; first_key += kKeys) {
-    for (int i = threadIdx.x; i < kKeys * D; i += kThreads) {
-      const int64_t key = first_key + i / D;
-      const bool real = key < p.kv_len;
-      k_tile[i] = real ? k_head[key * D + i % D] : from_float<T>(0.0f);
-      v_tile[i] = real ? v_head[key * D + i % D] : from_float<T>(0.0f);
-    }
+    load_tile<kKeys, D>(k_tile, k_head, first_key, p.kv_len);
+    load_tile<kKeys, D>(v_tile, v_head, first_key, p.kv_len);
     __syncthreads();
 
     // S (the warp's 16 rows x 64 keys) = Q K^T: K row-major [keys, D] is K^T column-major,

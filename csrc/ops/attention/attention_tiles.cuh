@@ -67,6 +67,21 @@ __device__ __forceinline__ void mma_slices(Accumulator& acc, const T* a, int lda
   }
 }
 
+// Rows [first, first + kTileRows) of a row-major [len, D] matrix of 16-bit elements into a
+// shared tile [kTileRows, D], zeros past len: 16-byte loads and stores (D / 8 per row), spread
+// over the block's threads. src and tile 16-byte aligned (the launchers check src).
+template <int kTileRows, int D, typename T>
+__device__ __forceinline__ void load_tile(T* tile, const T* __restrict__ src, int64_t first, int64_t len) {
+  static_assert(sizeof(T) == 2 && D % 8 == 0, "16-bit elements, rows of whole 16-byte vectors");
+  constexpr int kVectors = D / 8;  // per row
+  for (int i = threadIdx.x; i < kTileRows * kVectors; i += kThreads) {
+    const int r = i / kVectors, c = i % kVectors;
+    const int64_t row = first + r;
+    reinterpret_cast<int4*>(tile + r * D)[c] =
+        row < len ? reinterpret_cast<const int4*>(src + row * D)[c] : make_int4(0, 0, 0, 0);
+  }
+}
+
 // The document of key position `pos`: 0 without segment ids, or past the keys.
 __device__ __forceinline__ int64_t document(const int64_t* segments, int64_t pos, int64_t kv_len) {
   return segments != nullptr && pos < kv_len ? segments[pos] : 0;
@@ -96,6 +111,13 @@ void dispatch_tiles(c10::ScalarType dtype, int64_t head_dim, Launch&& launch) {
   } else {
     with_dim(__half{});
   }
+}
+
+// Whether every tensor's data starts 16-byte aligned, as load_tile's vectors need (a view with
+// a storage offset may not); false leaves the call to the generic blocks.
+template <typename... Tensors>
+bool aligned_for_tiles(const Tensors&... tensors) {
+  return ((reinterpret_cast<uintptr_t>(tensors.const_data_ptr()) % 16 == 0) && ...);
 }
 
 // BPT_CUDA_ATTENTION=tiled, read once per process: the tiled kernels are opt-in until a GPU
