@@ -12,9 +12,10 @@ namespace bpt::ops::tiles {
 
 template <int D>
 constexpr size_t forward_shared_bytes(size_t element) {
-  // Q, K, V tiles and P in the input type; S and O in fp32; m, l and the rescale per row.
+  // Q, K, V tiles and P in the input type; S and O in fp32; m, l and the rescale per row; the
+  // key tile's documents.
   return (kRows * D + 2 * kKeys * D + kRows * kProbStride) * element +
-         (kRows * kScoreStride + kRows * D + 3 * kRows) * sizeof(float);
+         (kRows * kScoreStride + kRows * D + 3 * kRows) * sizeof(float) + kKeys * sizeof(int64_t);
 }
 
 template <typename T, int D>
@@ -33,6 +34,7 @@ __global__ void __launch_bounds__(kThreads) attention_forward_tiled(KernelParams
   float* row_max = o_tile + kRows * D;
   float* row_sum = row_max + kRows;
   float* row_rescale = row_sum + kRows;
+  int64_t* key_doc = reinterpret_cast<int64_t*>(row_rescale + kRows);
 
   const int64_t b = blockIdx.z, h = blockIdx.y, head = b * p.q_heads + h;
   const int64_t kv_head = b * p.kv_heads + h / (p.q_heads / p.kv_heads);
@@ -62,6 +64,7 @@ __global__ void __launch_bounds__(kThreads) attention_forward_tiled(KernelParams
   for (int64_t first_key = 0; first_key < key_end; first_key += kKeys) {
     load_tile<kKeys, D>(k_tile, k_head, first_key, p.kv_len);
     load_tile<kKeys, D>(v_tile, v_head, first_key, p.kv_len);
+    for (int c = threadIdx.x; c < kKeys; c += kThreads) key_doc[c] = document(segments, first_key + c, p.kv_len);
     __syncthreads();
 
     // S (the warp's 16 rows x 64 keys) = Q K^T: K row-major [keys, D] is K^T column-major,
@@ -79,8 +82,7 @@ __global__ void __launch_bounds__(kThreads) attention_forward_tiled(KernelParams
     float* scores = s_tile + row * kScoreStride;
     float tile_max = -INFINITY;
     for (int c = half; c < kKeys; c += 2) {
-      const int64_t key = first_key + c;
-      const bool seen = visible(p, query, query_doc, key, document(segments, key, p.kv_len));
+      const bool seen = visible(p, query, query_doc, first_key + c, key_doc[c]);
       const float s = seen ? scores[c] * p.scale : -INFINITY;
       scores[c] = s;
       tile_max = fmaxf(tile_max, s);
