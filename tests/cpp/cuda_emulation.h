@@ -349,6 +349,9 @@ inline int __float_as_int(float x) { return std::bit_cast<int>(x); }
 
 template <typename T>
 T __ldg(const T* address) {
+  if (reinterpret_cast<std::uintptr_t>(address) % alignof(T) != 0) {
+    throw std::logic_error("__ldg: address not aligned to its type's " + std::to_string(alignof(T)) + " bytes");
+  }
   return *address;
 }
 
@@ -528,16 +531,26 @@ template <typename Kernel, typename... Args>
 void launch(dim3 grid, dim3 block, std::size_t dynamic_shared_bytes, Kernel kernel, Args... args) {
   detail::check_launch(grid, block);
   std::lock_guard lock(detail::launch_mutex());
+  // Guard bytes after the buffer catch a kernel that uses more than its launch asked for.
+  constexpr std::size_t kGuard = 4096;
+  constexpr unsigned char kGuardByte = 0xA5;
   const std::size_t bytes = std::max<std::size_t>(dynamic_shared_bytes, 1);
-  std::unique_ptr<unsigned char[], detail::AlignedDelete> shared(new (std::align_val_t{128}) unsigned char[bytes]);
+  std::unique_ptr<unsigned char[], detail::AlignedDelete> shared(new (std::align_val_t{128})
+                                                                     unsigned char[bytes + kGuard]);
   const std::function<void()> body = [&] { kernel(args...); };
   for (unsigned z = 0; z < grid.z; ++z) {
     for (unsigned y = 0; y < grid.y; ++y) {
       for (unsigned x = 0; x < grid.x; ++x) {
         std::memset(shared.get(), 0xFF, bytes);
+        std::memset(shared.get() + bytes, kGuardByte, kGuard);
         detail::Block state(grid, block, uint3{x, y, z}, shared.get());
         detail::run_block(state, body);
         if (state.first_error) std::rethrow_exception(state.first_error);
+        if (std::any_of(shared.get() + bytes, shared.get() + bytes + kGuard,
+                        [](unsigned char b) { return b != kGuardByte; })) {
+          throw std::logic_error("a kernel wrote past its " + std::to_string(dynamic_shared_bytes) +
+                                 " bytes of dynamic shared memory");
+        }
       }
     }
   }

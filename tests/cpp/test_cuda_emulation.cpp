@@ -141,6 +141,11 @@ __global__ void read_dynamic_shared(std::uintptr_t* address, float* first) {
   shared[threadIdx.x] = 0;  // the next block must see 0xFF again
 }
 
+// Thread t writes byte t of the dynamic shared memory: past its end for t >= the launch's size.
+__global__ void write_shared_byte_per_thread() { ::bpt::emulation::dynamic_shared()[threadIdx.x] = 0; }
+
+__global__ void load_int4(const int4* address, int* out) { *out = __ldg(address).x; }
+
 }  // namespace
 
 TEST_CASE("emulated launch gives every thread of every block its own indices", "[cuda_emulation]") {
@@ -273,16 +278,24 @@ TEST_CASE("emulated dynamic shared memory is aligned and reads as NaN until writ
   }
 }
 
+TEST_CASE("emulated launches catch writes past the dynamic shared memory and unaligned __ldg", "[cuda_emulation]") {
+  launch(dim3(2), dim3(64), 64, write_shared_byte_per_thread);  // within: fine
+  REQUIRE_THROWS_WITH(launch(dim3(1), dim3(65), 64, write_shared_byte_per_thread),
+                      Catch::Contains("wrote past its 64 bytes of dynamic shared memory"));
+  alignas(16) int words[8] = {1, 2, 3, 4, 5, 6, 7, 8};
+  int out = 0;
+  launch(dim3(1), dim3(1), 0, load_int4, reinterpret_cast<const int4*>(words + 4), &out);
+  REQUIRE(out == 5);
+  REQUIRE_THROWS_WITH(launch(dim3(1), dim3(1), 0, load_int4, reinterpret_cast<const int4*>(words + 1), &out),
+                      Catch::Contains("not aligned"));
+}
+
 TEST_CASE("emulated arithmetic intrinsics match their definitions", "[cuda_emulation]") {
+  // Bytes, low first: a = 2, 127, -1 (255), -128 (128); b = -128 (128), -1 (255), 2, 127.
   const int a = static_cast<int>(0x80ff7f02u), b = static_cast<int>(0x7f02ff80u);
-  int signed_want = 10;
-  unsigned unsigned_want = 10;
-  for (int i = 0; i < 4; ++i) {
-    signed_want += static_cast<int8_t>(a >> 8 * i) * static_cast<int8_t>(b >> 8 * i);
-    unsigned_want += (static_cast<unsigned>(a) >> 8 * i & 0xff) * (static_cast<unsigned>(b) >> 8 * i & 0xff);
-  }
-  REQUIRE(__dp4a(a, b, 10) == signed_want);
-  REQUIRE(__dp4a(static_cast<unsigned>(a), static_cast<unsigned>(b), 10u) == unsigned_want);
+  REQUIRE(__dp4a(a, b, 10) == 10 + 2 * -128 + 127 * -1 + -1 * 2 + -128 * 127);  // -16631
+  REQUIRE(__dp4a(static_cast<unsigned>(a), static_cast<unsigned>(b), 10u) ==
+          10u + 2 * 128 + 127 * 255 + 255 * 2 + 128 * 127);  // 49417
   REQUIRE(__fdiv_rn(1.0f, 3.0f) == 1.0f / 3.0f);
   REQUIRE(__fadd_rn(__fmul_rn(1.0f / 3.0f, 3.0f), -1.0f) == (1.0f / 3.0f) * 3.0f - 1.0f);
   REQUIRE(__float_as_int(__int_as_float(0x7fc00001)) == 0x7fc00001);

@@ -32,7 +32,7 @@ at::Tensor emulated_ternary_linear(const at::Tensor& x, const at::Tensor& packed
   const auto launch = [](dim3 grid, dim3 block, auto kernel, auto... args) {
     bpt::emulation::launch(grid, block, 0, kernel, args...);
   };
-  ternary_cuda::ternary_linear_kernels<scalar_t>(
+  ternary_cuda::run_ternary_linear<scalar_t>(
       launch, {x.const_data_ptr<scalar_t>(), packed.const_data_ptr<uint8_t>(), scale_f.const_data_ptr<float>(),
                y.mutable_data_ptr<scalar_t>(), x_q.mutable_data_ptr<int>(), x_sum.mutable_data_ptr<int>(),
                dequant.mutable_data_ptr<float>(), M, N, K, row_bytes});
@@ -65,13 +65,13 @@ void require_same_bits(const at::Tensor& got, const at::Tensor& want) {
 
 TEST_CASE("ternary CUDA kernels on the CPU emulator equal the CPU op bit for bit", "[ternary][cuda_emulation]") {
   // M = 1: the GEMV; 2, 3, 7, 9, 11: tiles of 2, 4 and 8 with padding tokens, after a full
-  // tile or alone; K a multiple of 64 (16-byte code loads) or not (byte loads); 2048 fills whole
+  // tile or alone; 19: two full tiles in one launch (blockIdx.y 0 and 1), then a rest of 3; K a multiple of 64 (16-byte code loads) or not (byte loads); 2048 fills whole
   // groups of 32 chunks of the activation layout, 2048 + 4 ends in a partial one; N = 21: a
   // partial warp and block of rows.
   at::manual_seed(0);
   for (const int64_t K : {1, 15, 64, 100, 2048, 2048 + 4}) {
     const auto [packed, scale] = bpt::ops::ternary_pack(at::randn({21, K}));
-    for (const int64_t M : {1, 2, 3, 7, 9, 11}) {
+    for (const int64_t M : {1, 2, 3, 7, 9, 11, 19}) {
       for (const auto dtype : {at::kFloat, at::kBFloat16, at::kHalf}) {
         INFO("M " << M << ", K " << K << ", " << dtype);
         const at::Tensor x = at::randn({M, K}).to(dtype);

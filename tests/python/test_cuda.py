@@ -86,9 +86,9 @@ import torch, bpt, reference
 from torch.profiler import ProfilerActivity, profile
 ops = torch.ops.bpt
 # Cards that give a block less shared memory than D = 128's backward tiles take (sm_86/89: 99 KB)
-# run the generic blocks there (attention_backward.cu's shared_bytes<128>).
+# run the generic blocks there (attention_backward.cuh's backward_shared_bytes<128>).
 optin = getattr(torch.cuda.get_device_properties(0), "shared_memory_per_block_optin", None)
-BACKWARD_D128_SHARED_BYTES = 123904  # attention_backward.cu's shared_bytes<128>(2)
+BACKWARD_D128_SHARED_BYTES = 123904  # attention_backward.cuh's backward_shared_bytes<128>(2)
 for dtype in (torch.bfloat16, torch.float16):
     for causal, group, D, T, S, kv_offset, segments in [
             (True, 1, 64, 37, 37, 0, False), (True, 4, 128, 100, 130, 30, True), (True, 8, 64, 1, 65, 64, False),

@@ -79,8 +79,8 @@ bool tiled_backward(const AttentionParams& p, const at::Tensor& grad_out, const 
   const size_t needed = p.head_dim == 64 ? backward_shared_bytes<64>(2) : backward_shared_bytes<128>(2);
   if (device->major < 8 || device->sharedMemPerBlockOptin < needed) return false;
   const at::Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
-  const at::Tensor doc = grad_out.contiguous(), outc = out.contiguous();
-  if (!aligned_for_tiles(qc, kc, vc, doc)) return false;
+  const at::Tensor grad_out_c = grad_out.contiguous(), outc = out.contiguous();
+  if (!aligned_for_tiles(qc, kc, vc, grad_out_c)) return false;
   const at::Tensor glse = grad_lse.defined() ? grad_lse.to(at::kFloat).contiguous() : at::Tensor();
   const at::Tensor lsec = lse.to(at::kFloat).contiguous();
   const at::Tensor seg = p.has_segments ? segment_ids.to(at::kLong).contiguous() : at::Tensor();
@@ -88,7 +88,7 @@ bool tiled_backward(const AttentionParams& p, const at::Tensor& grad_out, const 
   grad_k = at::empty({p.batch, p.kv_heads, p.kv_len, p.head_dim}, k.options());
   grad_v = at::empty({p.batch, p.kv_heads, p.kv_len, p.head_dim}, v.options());
   dispatch_tiles(dtype, p.head_dim, [&](auto element, auto dim) {
-    launch<decltype(element), dim()>(p, qc, kc, vc, doc, outc, glse, lsec, seg, grad_q_sum, grad_k, grad_v);
+    launch<decltype(element), dim()>(p, qc, kc, vc, grad_out_c, outc, glse, lsec, seg, grad_q_sum, grad_k, grad_v);
   });
   grad_q = grad_q_sum.to(dtype);
   return true;

@@ -78,7 +78,7 @@ __device__ __forceinline__ void load_tile(T* tile, const T* __restrict__ src, in
     const int r = i / kVectors, c = i % kVectors;
     const int64_t row = first + r;
     reinterpret_cast<int4*>(tile + r * D)[c] =
-        row < len ? reinterpret_cast<const int4*>(src + row * D)[c] : make_int4(0, 0, 0, 0);
+        row < len ? __ldg(reinterpret_cast<const int4*>(src + row * D) + c) : make_int4(0, 0, 0, 0);
   }
 }
 

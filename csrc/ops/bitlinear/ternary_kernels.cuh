@@ -15,7 +15,7 @@ constexpr int kRowsPerWarp = 4;
 constexpr int kChunkBytes = 16;  // code bytes per lane and step: 64 weights
 constexpr int kGroupChunks = 32;  // chunks per group of the x_q layout: one warp step
 
-// The int4 of token activations that go with code word j of chunk c (see the layout above).
+// The int4 of token activations that go with code word j of chunk c (the layout of ternary_linear.cu's header).
 __device__ __forceinline__ int x_q_index(int c, int j, int chunks) {
   const int group = c / kGroupChunks;
   const int width = group < chunks / kGroupChunks ? kGroupChunks : chunks % kGroupChunks;
@@ -87,7 +87,7 @@ __global__ void __launch_bounds__(kQuantizeThreads)
 
 // Every pointer and size of one ternary_gemm launch: `tokens` tokens from x_q's first.
 struct GemmParams {
-  const int4* x_q;       // [tokens, 4 chunks] int4, the layout above
+  const int4* x_q;       // [tokens, 4 chunks] int4, ternary_linear.cu's layout
   const int* x_sum;      // [tokens]
   const float* dequant;  // [tokens]
   const uint8_t* packed;  // [rows, row_bytes], TQ2
@@ -250,7 +250,7 @@ inline int code_chunks(int64_t row_bytes) { return static_cast<int>((row_bytes +
 // launch(grid, block, kernel, args...): a CUDA launch on a stream (ternary_linear.cu), or the
 // CPU emulator's (tests/cpp/test_ternary_kernels.cpp).
 template <typename scalar_t, typename Launch>
-void ternary_linear_kernels(Launch&& launch, const TernaryLinearCall<scalar_t>& c) {
+void run_ternary_linear(Launch&& launch, const TernaryLinearCall<scalar_t>& c) {
   const int chunks = code_chunks(c.row_bytes);
   launch(dim3(static_cast<unsigned int>(c.M)), dim3(kQuantizeThreads), quantize_tokens<scalar_t>, c.x, c.K, chunks,
          c.scale, c.x_q, c.x_sum, c.dequant);

@@ -108,7 +108,7 @@ at::Tensor ternary_linear_cuda(const at::Tensor& x, const at::Tensor& packed, co
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bpt::ternary_linear", [&] {
-    ternary_linear_kernels<scalar_t>(
+    run_ternary_linear<scalar_t>(
         launch, {xc.const_data_ptr<scalar_t>(), packed_c.const_data_ptr<uint8_t>(), scale_f.const_data_ptr<float>(),
                  y.mutable_data_ptr<scalar_t>(), x_q.mutable_data_ptr<int>(), x_sum.mutable_data_ptr<int>(),
                  dequant.mutable_data_ptr<float>(), M, N, K, row_bytes});
