@@ -78,7 +78,10 @@ case "${1:-}" in
     names=("$@")
     ((${#names[@]})) || names=("${BENCHES[@]}")
     for bench in "${names[@]}"; do
-      [[ " ${BENCHES[*]} " == *" $bench "* ]] || { echo "gpu_kit: no GPU benchmark '$bench' (${BENCHES[*]})" >&2; exit 2; }
+      if [[ " ${BENCHES[*]} " != *" $bench "* ]]; then
+        echo "gpu_kit: no GPU benchmark '$bench' (${BENCHES[*]})" >&2
+        exit 2
+      fi
     done
     use_kit
     mkdir -p "$out"

@@ -65,9 +65,10 @@ void require_same_bits(const at::Tensor& got, const at::Tensor& want) {
 
 TEST_CASE("ternary CUDA kernels on the CPU emulator equal the CPU op bit for bit", "[ternary][cuda_emulation]") {
   // M = 1: the GEMV; 2, 3, 7, 9, 11: tiles of 2, 4 and 8 with padding tokens, after a full
-  // tile or alone; 19: two full tiles in one launch (blockIdx.y 0 and 1), then a rest of 3; K a multiple of 64 (16-byte code loads) or not (byte loads); 2048 fills whole
-  // groups of 32 chunks of the activation layout, 2048 + 4 ends in a partial one; N = 21: a
-  // partial warp and block of rows.
+  // tile or alone; 19: two full tiles in one launch (blockIdx.y 0 and 1), then a rest of 3.
+  // K a multiple of 64 (16-byte code loads) or not (byte loads); 2048 fills whole groups of 32
+  // chunks of the activation layout, 2048 + 4 ends in a partial one. N = 21: a partial warp and
+  // block of rows.
   at::manual_seed(0);
   for (const int64_t K : {1, 15, 64, 100, 2048, 2048 + 4}) {
     const auto [packed, scale] = bpt::ops::ternary_pack(at::randn({21, K}));

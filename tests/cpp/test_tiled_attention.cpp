@@ -78,7 +78,8 @@ Result tiled(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
   const int64_t rows = batch * q_heads * c.q_len;
   at::Tensor delta = at::empty({batch, q_heads, c.q_len}, at::kFloat);
   bpt::emulation::launch(dim3(static_cast<unsigned int>((rows + tiles::kWarps - 1) / tiles::kWarps)),
-                         dim3(tiles::kThreads), 0, tiles::softmax_row_terms<Element>, grad_out.const_data_ptr<Element>(),
+                         dim3(tiles::kThreads), 0, tiles::softmax_row_terms<Element>,
+                         grad_out.const_data_ptr<Element>(),
                          out.const_data_ptr<Element>(), grad_lse.defined() ? grad_lse.const_data_ptr<float>() : nullptr,
                          rows, D,
                          delta.mutable_data_ptr<float>());

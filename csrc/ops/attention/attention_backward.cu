@@ -70,8 +70,8 @@ bool tiled_backward(const AttentionParams& p, const at::Tensor& grad_out, const 
                     at::Tensor& grad_v) {
   const auto dtype = q.scalar_type();
   // (grad_q's fp32 atomics add in no fixed order: deterministic mode takes the generic blocks.)
-  if (!enabled() || at::globalContext().deterministicAlgorithms() || (dtype != at::kBFloat16 && dtype != at::kHalf) || (p.head_dim != 64 && p.head_dim != 128) ||
-      p.q_len == 0 || p.kv_len == 0 || p.batch * p.kv_heads == 0 || p.kv_heads > 65535 || p.batch > 65535) {
+  if (!tiles_cover(dtype, p.head_dim) || at::globalContext().deterministicAlgorithms() || p.q_len == 0 ||
+      p.kv_len == 0 || p.batch * p.kv_heads == 0 || p.kv_heads > 65535 || p.batch > 65535) {
     return false;
   }
   const c10::cuda::CUDAGuard guard(q.device());

@@ -38,7 +38,9 @@ __global__ void __launch_bounds__(kThreads)
   const int lane = threadIdx.x % 32;
   if (row >= rows) return;  // the whole warp
   float sum = 0.0f;
-  for (int d = lane; d < D; d += 32) sum += static_cast<float>(grad_out[row * D + d]) * static_cast<float>(out[row * D + d]);
+  for (int d = lane; d < D; d += 32) {
+    sum += static_cast<float>(grad_out[row * D + d]) * static_cast<float>(out[row * D + d]);
+  }
   for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
   if (lane == 0) delta[row] = grad_lse == nullptr ? sum : sum - grad_lse[row];
 }

@@ -50,8 +50,8 @@ void launch(const AttentionParams& p, const at::Tensor& q, const at::Tensor& k, 
 bool tiled_forward(const AttentionParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                    const at::Tensor& segment_ids, at::Tensor& out, at::Tensor& lse) {
   const auto dtype = q.scalar_type();
-  if (!enabled() || (dtype != at::kBFloat16 && dtype != at::kHalf) || (p.head_dim != 64 && p.head_dim != 128) ||
-      p.q_len == 0 || p.batch * p.q_heads == 0 || p.q_heads > 65535 || p.batch > 65535) {
+  if (!tiles_cover(dtype, p.head_dim) || p.q_len == 0 || p.batch * p.q_heads == 0 || p.q_heads > 65535 ||
+      p.batch > 65535) {
     return false;
   }
   const c10::cuda::CUDAGuard guard(q.device());

@@ -95,6 +95,23 @@ __device__ __forceinline__ bool visible(const KernelParams& p, int64_t query, in
   return query < p.q_len && key < p.kv_len && (!p.causal || key <= p.kv_offset + query) && query_doc == key_doc;
 }
 
+// BPT_CUDA_ATTENTION=tiled, read once per process: the tiled kernels are opt-in until a GPU
+// run has passed tests/python/test_cuda.py with them.
+inline bool enabled() {
+  static const bool on = [] {
+    const char* choice = std::getenv("BPT_CUDA_ATTENTION");
+    return choice != nullptr && std::strcmp(choice, "tiled") == 0;
+  }();
+  return on;
+}
+
+// Whether the tiled kernels are switched on and built for dtype and head_dim (the four
+// instantiations of dispatch_tiles).
+inline bool tiles_cover(c10::ScalarType dtype, int64_t head_dim) {
+  return enabled() && (dtype == c10::ScalarType::BFloat16 || dtype == c10::ScalarType::Half) &&
+         (head_dim == 64 || head_dim == 128);
+}
+
 // Calls launch(T{}, std::integral_constant<int, D>{}) with the tile kernels' element type T for
 // dtype (bf16, else fp16) and D for head_dim (64, else 128): the four instantiations.
 template <typename Launch>
@@ -118,16 +135,6 @@ void dispatch_tiles(c10::ScalarType dtype, int64_t head_dim, Launch&& launch) {
 template <typename... Tensors>
 bool aligned_for_tiles(const Tensors&... tensors) {
   return ((reinterpret_cast<uintptr_t>(tensors.const_data_ptr()) % 16 == 0) && ...);
-}
-
-// BPT_CUDA_ATTENTION=tiled, read once per process: the tiled kernels are opt-in until a GPU
-// run has passed tests/python/test_cuda.py with them.
-inline bool enabled() {
-  static const bool on = [] {
-    const char* choice = std::getenv("BPT_CUDA_ATTENTION");
-    return choice != nullptr && std::strcmp(choice, "tiled") == 0;
-  }();
-  return on;
 }
 
 }  // namespace bpt::ops::tiles
